@@ -1,0 +1,14 @@
+"""rlrp_fast: fast Relative Layer-wise Relevance Propagation (R-LRP) for PyTorch classifiers.
+
+    >>> import rlrp_fast
+    >>> e = rlrp_fast.explain(model.eval(), images)          # R-LRP, arg-max class
+    >>> e.relevance.shape == images.shape
+"""
+from .capture import SUPPORTED_OPS, UnsupportedModelError
+from .explainer import Explainer, Explanation, explain
+from .rules import RULES
+
+__version__ = "0.1.0"
+
+__all__ = ["Explainer", "Explanation", "explain", "RULES", "SUPPORTED_OPS",
+           "UnsupportedModelError", "__version__"]

@@ -1,0 +1,39 @@
+"""The backend interface: the contractions a relevance pass needs, nothing else.
+
+Rules (``rules.py``) express every linear op's relevance through these primitives, so a
+backend that implements them faster (fused kernels) plugs in without touching the plan or
+the rules. Relevance tensors (``g``) are float32 (float64 for float64 inputs); activations
+(``a``) may be in a lower precision and are upcast on use.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..plan import Affine, Pool
+
+
+class Backend(ABC):
+    """One implementation of the relevance contractions. Stateless and thread-safe."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def affine_forward(self, step: Affine, weight: torch.Tensor, bias: torch.Tensor | None,
+                       x: torch.Tensor) -> torch.Tensor:
+        """``W x + b`` with the step's geometry (rules need it for modified weights)."""
+
+    @abstractmethod
+    def affine_contract(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
+                        input_shape: torch.Size, a: torch.Tensor | None = None) -> torch.Tensor:
+        """``a ⊙ (Wᵀ g)`` (or ``Wᵀ g`` when ``a`` is None), shape ``input_shape``."""
+
+    @abstractmethod
+    def affine_contract_l1(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
+                           a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R̃, ‖R̃‖₁ per sample)`` with ``R̃ = a ⊙ (Wᵀ g)``: the R-LRP hot path."""
+
+    @abstractmethod
+    def pool_adjoint(self, step: Pool, g: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        """``Pᵀ g`` for a parameter-free linear map ``P`` (average pooling, mean)."""

@@ -1,0 +1,458 @@
+"""Capture: trace an ``nn.Module`` with ``torch.fx`` and canonicalise it into a :class:`Plan`.
+
+Runs once per explainer. BatchNorm is folded into a copy of the preceding Linear/Conv here;
+everything the plan cannot explain is refused here, naming the node and listing what is
+supported. The user's model is only read, never modified.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
+                   SlotRef, Step)
+
+SUPPORTED_OPS = (
+    "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
+    "BatchNorm1d/2d/3d in eval mode with running statistics (folded into a preceding "
+    "Linear/Conv, else a per-channel scale); activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, "
+    "ELU, Tanh, Sigmoid, Hardswish (modules, torch.* and F.* functions, tensor methods); "
+    "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
+    "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
+    "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
+    "tensor + tensor (operator +, +=, torch.add, Tensor.add); torch.cat; shape arithmetic "
+    "(x.size(), x.shape, x.dim())"
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains something the plan cannot explain."""
+
+
+def _unsupported(node: fx.Node, what: str, why: str = "it is not supported") -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"cannot explain node {node.name!r} ({what}): {why}. Supported: {SUPPORTED_OPS}."
+    )
+
+
+def _functional_activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """An out-of-place functional equivalent of an activation module (in-place modules would
+    overwrite tensors the relevance pass still reads)."""
+    if type(module) is nn.ReLU:
+        return F.relu
+    if type(module) is nn.LeakyReLU:
+        return functools.partial(F.leaky_relu, negative_slope=module.negative_slope)
+    if type(module) is nn.ReLU6:
+        return F.relu6
+    if type(module) is nn.GELU:
+        return functools.partial(F.gelu, approximate=module.approximate)
+    if type(module) is nn.SiLU:
+        return F.silu
+    if type(module) is nn.ELU:
+        return functools.partial(F.elu, alpha=module.alpha)
+    if type(module) is nn.Tanh:
+        return torch.tanh
+    if type(module) is nn.Sigmoid:
+        return torch.sigmoid
+    if type(module) is nn.Hardswish:
+        return F.hardswish
+    return None
+
+
+_ACTIVATION_FUNCTIONS: dict[Any, Callable] = {
+    F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, F.relu_: F.relu,
+    F.relu6: F.relu6, F.leaky_relu: F.leaky_relu, F.gelu: F.gelu, F.silu: F.silu,
+    F.elu: F.elu, F.hardswish: F.hardswish,
+    torch.tanh: torch.tanh, F.tanh: torch.tanh, torch.sigmoid: torch.sigmoid,
+    F.sigmoid: torch.sigmoid,
+}
+_ACTIVATION_METHODS = {"relu": F.relu, "relu_": F.relu, "sigmoid": torch.sigmoid,
+                       "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
+
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+             nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+_AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_AVGPOOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                        nn.AlphaDropout)
+
+# Functional pooling → (module class, positional parameter names after the input).
+_MAXPOOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVGPOOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override")
+_ADAPTIVE_ARGS = ("output_size", "return_indices")
+_POOL_FUNCTIONS = {
+    F.max_pool1d: (nn.MaxPool1d, _MAXPOOL_ARGS), F.max_pool2d: (nn.MaxPool2d, _MAXPOOL_ARGS),
+    F.max_pool3d: (nn.MaxPool3d, _MAXPOOL_ARGS),
+    F.avg_pool1d: (nn.AvgPool1d, _AVGPOOL_ARGS[:-1]), F.avg_pool2d: (nn.AvgPool2d, _AVGPOOL_ARGS),
+    F.avg_pool3d: (nn.AvgPool3d, _AVGPOOL_ARGS),
+    F.adaptive_max_pool1d: (nn.AdaptiveMaxPool1d, _ADAPTIVE_ARGS),
+    F.adaptive_max_pool2d: (nn.AdaptiveMaxPool2d, _ADAPTIVE_ARGS),
+    F.adaptive_max_pool3d: (nn.AdaptiveMaxPool3d, _ADAPTIVE_ARGS),
+    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, _ADAPTIVE_ARGS[:1]),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, _ADAPTIVE_ARGS[:1]),
+    F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, _ADAPTIVE_ARGS[:1]),
+}
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"}
+_RESHAPE_FUNCTIONS = {torch.flatten: "flatten", torch.reshape: "reshape",
+                      torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_META_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add,
+                   operator.sub, operator.truediv, len}
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _conv_padding(node: fx.Node, conv: nn.Module, dims: int) -> tuple[int, ...]:
+    if conv.padding_mode != "zeros":
+        raise _unsupported(node, type(conv).__name__,
+                           f"padding_mode={conv.padding_mode!r}; only zero padding is supported")
+    if conv.padding == "valid":
+        return (0,) * dims
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(_tuple(conv.dilation, dims), _tuple(conv.kernel_size, dims))]
+        if any(t % 2 for t in total):
+            raise _unsupported(node, type(conv).__name__, "padding='same' that pads asymmetrically")
+        return tuple(t // 2 for t in total)
+    return _tuple(conv.padding, dims)
+
+
+def _batchnorm_affine(node: fx.Node, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm, in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise _unsupported(node, type(bn).__name__,
+                           "BatchNorm without running statistics normalises across the batch")
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(inv_std)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv_std)
+    scale = gamma * inv_std
+    return scale, beta - bn.running_mean.double() * scale
+
+
+def _fold(step: Affine, scale: torch.Tensor, shift: torch.Tensor, name: str) -> Affine:
+    """``BN(W a + b)`` as one affine map: ``W' = s·W``, ``b' = s·(b − μ) + β``."""
+    dtype = step.weight.dtype
+    w = step.weight.double() * scale.view(-1, *([1] * (step.weight.dim() - 1)))
+    b = shift if step.bias is None else step.bias.double() * scale + shift
+    return Affine(name=step.name, target=f"{step.target}+{name}", inputs=step.inputs,
+                  output=step.output, weight=w.to(dtype), bias=b.to(dtype),
+                  conv_dims=step.conv_dims, stride=step.stride, padding=step.padding,
+                  dilation=step.dilation, groups=step.groups, folded_batchnorm=True)
+
+
+class _Builder:
+    """Walks the fx graph once, assigning slots and emitting steps."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.steps: list[Step] = []
+        self.slot_of: dict[fx.Node, int] = {}
+        self.is_meta: set[fx.Node] = set()
+        self.num_slots = 0
+        self.input_slot: int | None = None
+        self.output_slot: int | None = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    def new_slot(self, node: fx.Node) -> int:
+        self.slot_of[node] = self.num_slots
+        self.num_slots += 1
+        return self.slot_of[node]
+
+    def tensor_slot(self, node: fx.Node, arg: Any) -> int:
+        if not isinstance(arg, fx.Node) or arg in self.is_meta:
+            raise _unsupported(node, self.describe(node), f"argument {arg!r} is not a tensor")
+        return self.slot_of[arg]
+
+    def refs(self, obj: Any) -> Any:
+        """Constant arguments stay; meta nodes become slot references; tensors are refused."""
+        def convert(arg):
+            if arg in self.is_meta:
+                return SlotRef(self.slot_of[arg])
+            raise ValueError(arg)
+        try:
+            return fx.node.map_arg(obj, convert)
+        except ValueError as exc:
+            raise UnsupportedModelError(f"a tensor ({exc}) is used as a shape argument") from None
+
+    def emit(self, node: fx.Node, cls, inputs: tuple[int, ...], **fields) -> None:
+        self.steps.append(cls(name=node.name, target=self.describe(node), inputs=inputs,
+                              output=self.new_slot(node), **fields))
+
+    def alias(self, node: fx.Node, source: fx.Node) -> None:
+        self.slot_of[node] = self.slot_of[source]
+
+    @staticmethod
+    def describe(node: fx.Node) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        if node.op == "call_method":
+            return f"Tensor.{node.target}"
+        return getattr(node.target, "__name__", str(node.target))
+
+    # -- the walk ----------------------------------------------------------------------------
+    def build(self) -> Plan:
+        for node in self.gm.graph.nodes:
+            handler = getattr(self, f"on_{node.op}")
+            handler(node)
+        if self.input_slot is None or self.output_slot is None:
+            raise UnsupportedModelError("the traced model has no input or no output")
+        return Plan(steps=tuple(self.steps), input_slot=self.input_slot,
+                    output_slot=self.output_slot, num_slots=self.num_slots)
+
+    def on_placeholder(self, node: fx.Node) -> None:
+        if self.input_slot is not None:
+            raise UnsupportedModelError(
+                f"the model's forward takes more than one input ({node.name!r}); rlrp_fast "
+                "explains models with a single tensor input")
+        self.input_slot = self.new_slot(node)
+
+    def on_get_attr(self, node: fx.Node) -> None:
+        raise _unsupported(node, f"parameter or buffer {node.target!r} used directly in forward")
+
+    def on_output(self, node: fx.Node) -> None:
+        out = node.args[0]
+        if not isinstance(out, fx.Node) or out in self.is_meta:
+            raise UnsupportedModelError(
+                f"the model must return one tensor of logits, not {type(out).__name__}")
+        self.output_slot = self.slot_of[out]
+
+    def on_call_module(self, node: fx.Node) -> None:
+        module = self.gm.get_submodule(node.target)
+        kind = type(module)
+        name = type(module).__name__
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(node, name, "module called with more than one argument")
+        src = self.tensor_slot(node, node.args[0])
+        if kind is nn.Linear:
+            self.emit(node, Affine, (src,), weight=module.weight.detach().clone(),
+                      bias=None if module.bias is None else module.bias.detach().clone())
+        elif kind in _CONVS:
+            dims = _CONVS[kind]
+            self.emit(node, Affine, (src,), weight=module.weight.detach().clone(),
+                      bias=None if module.bias is None else module.bias.detach().clone(),
+                      conv_dims=dims, stride=_tuple(module.stride, dims),
+                      padding=_conv_padding(node, module, dims),
+                      dilation=_tuple(module.dilation, dims), groups=module.groups)
+        elif kind in _BATCHNORMS:
+            self.on_batchnorm(node, module)
+        elif _functional_activation(module) is not None:
+            self.emit(node, Activation, (src,), fn=_functional_activation(module))
+        elif kind in _MAXPOOLS:
+            self.emit(node, MaxPool, (src,), fn=_maxpool_fn(module, _MAXPOOLS[kind]))
+        elif kind in _AVGPOOLS:
+            self.emit(node, Pool, (src,), kind="avg", dims=_AVGPOOLS[kind], params=dict(
+                kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
+                divisor_override=getattr(module, "divisor_override", None)))
+        elif kind in _ADAPTIVE_AVGPOOLS:
+            self.emit(node, Pool, (src,), kind="adaptive_avg", dims=_ADAPTIVE_AVGPOOLS[kind],
+                      params=dict(output_size=module.output_size))
+        elif kind is nn.Flatten:
+            self.emit(node, Reshape, (src,), fn=torch.flatten,
+                      args=(module.start_dim, module.end_dim))
+        elif kind is nn.Unflatten:
+            self.emit(node, Reshape, (src,), fn=torch.Tensor.unflatten,
+                      args=(module.dim, module.unflattened_size))
+        elif isinstance(module, _PASSTHROUGH_MODULES):
+            self.alias(node, node.args[0])
+        else:
+            raise _unsupported(node, f"{node.target}: {name}")
+
+    def on_batchnorm(self, node: fx.Node, bn: nn.Module) -> None:
+        scale, shift = _batchnorm_affine(node, bn)
+        producer = node.args[0]
+        last = self.steps[-1] if self.steps else None
+        foldable = (isinstance(last, Affine) and self.slot_of.get(producer) == last.output
+                    and len(producer.users) == 1 and last.weight.shape[0] == scale.numel())
+        if foldable:
+            self.steps[-1] = _fold(last, scale, shift, str(node.target))
+            self.alias(node, producer)
+        else:
+            dtype = bn.running_mean.dtype
+            self.emit(node, Scale, (self.tensor_slot(node, producer),),
+                      scale=scale.to(dtype), shift=shift.to(dtype))
+
+    def on_call_function(self, node: fx.Node) -> None:
+        fn = node.target
+        if self.all_meta(node):
+            if fn in _META_FUNCTIONS:
+                self.emit_meta(node, fn)
+                return
+            raise _unsupported(node, self.describe(node), "shape arithmetic with this function")
+        if fn is getattr and node.args[1] == "shape":
+            self.emit_meta(node, fn)
+        elif fn in _ADD_FUNCTIONS:
+            self.on_add(node)
+        elif fn in _ACTIVATION_FUNCTIONS:
+            self.on_activation(node, _ACTIVATION_FUNCTIONS[fn])
+        elif fn in _POOL_FUNCTIONS:
+            self.on_pool_function(node)
+        elif fn in _RESHAPE_FUNCTIONS:
+            self.on_reshape(node, getattr(torch.Tensor, _RESHAPE_FUNCTIONS[fn]))
+        elif fn in (torch.permute, torch.transpose):
+            self.on_permute(node, "permute" if fn is torch.permute else "transpose")
+        elif fn in _CAT_FUNCTIONS:
+            self.on_cat(node)
+        elif fn is torch.mean:
+            self.on_mean(node)
+        elif fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
+            self.alias(node, node.args[0])
+        else:
+            raise _unsupported(node, self.describe(node))
+
+    def on_call_method(self, node: fx.Node) -> None:
+        method = node.target
+        if method in ("size", "dim") or self.all_meta(node):
+            self.emit_meta(node, getattr(torch.Tensor, method, None) or
+                           operator.methodcaller(method))
+        elif method in ("add", "add_"):
+            self.on_add(node)
+        elif method in _ACTIVATION_METHODS:
+            self.on_activation(node, _ACTIVATION_METHODS[method])
+        elif method in _RESHAPE_METHODS:
+            self.on_reshape(node, getattr(torch.Tensor, method))
+        elif method in ("permute", "transpose"):
+            self.on_permute(node, method)
+        elif method == "contiguous":
+            self.alias(node, node.args[0])
+        elif method == "mean":
+            self.on_mean(node)
+        else:
+            raise _unsupported(node, self.describe(node))
+
+    # -- per-op handlers ---------------------------------------------------------------------
+    def all_meta(self, node: fx.Node) -> bool:
+        nodes = node.all_input_nodes
+        return bool(nodes) and all(n in self.is_meta for n in nodes)
+
+    def emit_meta(self, node: fx.Node, fn: Callable) -> None:
+        if node.op == "call_method" or fn is getattr:  # the head may be a tensor (x.size(0))
+            head, *rest = node.args
+            args = (SlotRef(self.slot_of[head]), *self.refs(tuple(rest)))
+        else:
+            args = self.refs(node.args)
+        self.emit(node, Meta, (), fn=fn, args=args, kwargs=self.refs(node.kwargs))
+        self.is_meta.add(node)
+
+    def on_add(self, node: fx.Node) -> None:
+        kwargs = dict(node.kwargs)
+        if kwargs.pop("alpha", 1) != 1 or kwargs:
+            raise _unsupported(node, self.describe(node), "torch.add with alpha or out=")
+        operands = node.args
+        if not all(isinstance(a, fx.Node) and a not in self.is_meta for a in operands):
+            raise _unsupported(node, self.describe(node),
+                               "adding a constant to a tensor (only tensor + tensor)")
+        self.emit(node, Add, tuple(self.slot_of[a] for a in operands))
+
+    def on_activation(self, node: fx.Node, fn: Callable) -> None:
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+        extra = node.args[1:]
+        if fn is F.leaky_relu and extra:
+            kwargs["negative_slope"] = extra[0]
+            extra = ()
+        if fn is F.elu and extra:
+            kwargs["alpha"] = extra[0]
+            extra = ()
+        if extra and fn is F.relu:  # F.relu(x, inplace) positional
+            extra = ()
+        if extra:
+            raise _unsupported(node, self.describe(node), "positional options of the activation")
+        fn = functools.partial(fn, **kwargs) if kwargs else fn
+        self.emit(node, Activation, (self.tensor_slot(node, node.args[0]),), fn=fn)
+
+    def on_pool_function(self, node: fx.Node) -> None:
+        cls, names = _POOL_FUNCTIONS[node.target]
+        params = dict(zip(names, node.args[1:]))
+        params.update(node.kwargs)
+        params.pop("return_indices", None)
+        if any(isinstance(v, fx.Node) for v in params.values()):
+            raise _unsupported(node, self.describe(node), "pooling sizes computed at run time")
+        module = cls(**params)
+        src = self.tensor_slot(node, node.args[0])
+        if cls in _MAXPOOLS:
+            self.emit(node, MaxPool, (src,), fn=_maxpool_fn(module, _MAXPOOLS[cls]))
+        elif cls in _AVGPOOLS:
+            self.emit(node, Pool, (src,), kind="avg", dims=_AVGPOOLS[cls], params=dict(
+                kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
+                divisor_override=getattr(module, "divisor_override", None)))
+        else:
+            self.emit(node, Pool, (src,), kind="adaptive_avg", dims=_ADAPTIVE_AVGPOOLS[cls],
+                      params=dict(output_size=module.output_size))
+
+    def on_reshape(self, node: fx.Node, fn: Callable) -> None:
+        src = self.tensor_slot(node, node.args[0])
+        self.emit(node, Reshape, (src,), fn=fn, args=self.refs(node.args[1:]),
+                  kwargs=self.refs(node.kwargs))
+
+    def on_permute(self, node: fx.Node, method: str) -> None:
+        src = self.tensor_slot(node, node.args[0])
+        rest = node.args[1:]
+        if any(isinstance(a, fx.Node) for a in fx.node.map_aggregate(rest, lambda x: x) or ()):
+            raise _unsupported(node, self.describe(node), "dims computed at run time")
+        if method == "transpose":
+            d0, d1 = (rest + (node.kwargs.get("dim0"), node.kwargs.get("dim1")))[:2]
+            undo = functools.partial(torch.transpose, dim0=d0, dim1=d1)
+            self.emit(node, Reshape, (src,), fn=torch.transpose, args=(d0, d1), undo=undo)
+            return
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        dims = tuple(d % len(dims) for d in (dims or node.kwargs["dims"]))
+        inverse = tuple(sorted(range(len(dims)), key=dims.__getitem__))
+        self.emit(node, Reshape, (src,), fn=torch.permute, args=(dims,),
+                  undo=functools.partial(torch.permute, dims=inverse))
+
+    def on_cat(self, node: fx.Node) -> None:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(dim, int):
+            raise _unsupported(node, self.describe(node), "a dim computed at run time")
+        self.emit(node, Cat, tuple(self.tensor_slot(node, t) for t in tensors), dim=dim)
+
+    def on_mean(self, node: fx.Node) -> None:
+        src = self.tensor_slot(node, node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None or "dtype" in node.kwargs:
+            raise _unsupported(node, self.describe(node),
+                               "mean over all dims (including the batch) or with dtype=")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        if any(not isinstance(d, int) for d in dims):
+            raise _unsupported(node, self.describe(node), "dims computed at run time")
+        self.emit(node, Pool, (src,), kind="mean", dims=0,
+                  params=dict(dims=dims, keepdim=bool(keepdim)))
+
+
+def _maxpool_fn(module: nn.Module, dims: int) -> Callable:
+    if "Adaptive" in type(module).__name__:
+        fn = getattr(F, f"adaptive_max_pool{dims}d")
+        return functools.partial(fn, output_size=module.output_size, return_indices=True)
+    fn = getattr(F, f"max_pool{dims}d")
+    return functools.partial(fn, kernel_size=module.kernel_size, stride=module.stride,
+                             padding=module.padding, dilation=module.dilation,
+                             ceil_mode=module.ceil_mode, return_indices=True)
+
+
+def capture(model: nn.Module) -> Plan:
+    """Trace ``model`` and canonicalise it into a :class:`Plan` (see module docstring)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types; all mean "not traceable"
+        raise UnsupportedModelError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "rlrp_fast needs a model without data-dependent control flow, built from: "
+            f"{SUPPORTED_OPS}.") from exc
+    return _Builder(gm).build()

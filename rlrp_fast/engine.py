@@ -1,0 +1,171 @@
+"""The engine: the plan's own forward (keeping a tape) and the backward relevance walk.
+
+The forward keeps only what the relevance pass reads: the inputs of linear steps and adds
+(their outputs too when a rule divides by them), max-pool indices, and shapes. Every other
+intermediate is released as soon as its last reader has run.
+
+Routing steps are handled here, identically for every rule: activations pass relevance
+through, max-pool routes it to the winner, reshapes and cats route it by element.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backends import Backend
+from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
+                   Step, resolve, step_reads)
+from .rules import Propagator
+
+
+@dataclass
+class Tape:
+    """What one forward pass leaves for the relevance pass (per step index)."""
+
+    inputs: dict[int, list[torch.Tensor]]
+    outputs: dict[int, torch.Tensor]
+    pool_indices: dict[int, torch.Tensor]
+    shapes: dict[int, list[torch.Size]]
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d,
+                      3: F.adaptive_avg_pool3d}
+
+
+class StepError(RuntimeError):
+    """A step failed in the forward pass; the message names the step."""
+
+
+def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int):
+    if isinstance(step, Affine):
+        w, b = weights[index]
+        x = args[0]
+        if not step.is_conv:
+            if step.folded_batchnorm and x.dim() != 2:
+                raise ValueError("a Linear followed by BatchNorm1d needs (N, features) input")
+            return F.linear(x, w, b)
+        return _CONV[step.conv_dims](x, w, b, step.stride, step.padding, step.dilation,
+                                     step.groups)
+    if isinstance(step, Pool):
+        x = args[0]
+        p = step.params
+        if step.kind == "mean":
+            return x.mean(dim=p["dims"], keepdim=p["keepdim"])
+        if step.kind == "adaptive_avg":
+            return _ADAPTIVE_AVG_POOL[step.dims](x, p["output_size"])
+        extra = {} if step.dims == 1 else {"divisor_override": p["divisor_override"]}
+        return _AVG_POOL[step.dims](x, p["kernel_size"], p["stride"], p["padding"],
+                                    p["ceil_mode"], p["count_include_pad"], **extra)
+    if isinstance(step, Scale):
+        x = args[0]
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return x * step.scale.to(x.dtype).view(shape) + step.shift.to(x.dtype).view(shape)
+    if isinstance(step, Activation):
+        return step.fn(args[0])
+    if isinstance(step, Add):
+        out = args[0]
+        for other in args[1:]:
+            out = out + other
+        return out
+    if isinstance(step, Cat):
+        return torch.cat(args, dim=step.dim)
+    raise AssertionError(type(step))  # MaxPool/Reshape/Meta are handled by the caller
+
+
+def _last_reads(plan: Plan) -> list[list[int]]:
+    """For each step, the slots whose last forward reader it is (to release them)."""
+    last: dict[int, int] = {}
+    for i, step in enumerate(plan.steps):
+        for slot in step_reads(step):
+            last[slot] = i
+    per_step: list[list[int]] = [[] for _ in plan.steps]
+    for slot, i in last.items():
+        if slot != plan.output_slot:
+            per_step[i].append(slot)
+    return per_step
+
+
+def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
+                propagators: list[Propagator | None]) -> tuple[torch.Tensor, Tape]:
+    """Run the plan on ``x``; return the output and the tape the relevance pass needs."""
+    values: list = [None] * plan.num_slots
+    values[plan.input_slot] = x
+    tape = Tape({}, {}, {}, {})
+    release = _last_reads(plan)
+    for i, step in enumerate(plan.steps):
+        args = [values[s] for s in step.inputs]
+        try:
+            if isinstance(step, MaxPool):
+                out, indices = step.fn(args[0])
+                tape.pool_indices[i] = indices
+                tape.shapes[i] = [args[0].shape]
+            elif isinstance(step, Reshape):
+                out = step.fn(args[0], *resolve(step.args, values), **resolve(step.kwargs, values))
+                tape.shapes[i] = [args[0].shape]
+            elif isinstance(step, Meta):
+                out = step.fn(*resolve(step.args, values), **resolve(step.kwargs, values))
+            else:
+                out = _forward_step(step, args, weights, i)
+                if isinstance(step, Cat):
+                    tape.shapes[i] = [a.shape for a in args]
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            raise StepError(f"step {step.name!r} ({step.target}) failed on input shape(s) "
+                            f"{shapes}: {exc}") from exc
+        prop = propagators[i]
+        if prop is not None:
+            tape.inputs[i] = args
+            if prop.needs_output:
+                tape.outputs[i] = out
+        values[step.output] = out
+        for slot in release[i]:
+            values[slot] = None
+    return values[plan.output_slot], tape
+
+
+def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
+                  propagators: list[Propagator | None]) -> torch.Tensor:
+    """Walk the plan backwards from ``r_out`` (relevance at the output) to the input."""
+    rel: list[torch.Tensor | None] = [None] * plan.num_slots
+    rel[plan.output_slot] = r_out
+    for i in range(len(plan.steps) - 1, -1, -1):
+        step = plan.steps[i]
+        r = rel[step.output]
+        if r is None or isinstance(step, Meta):
+            continue
+        rel[step.output] = None
+        prop = propagators[i]
+        if prop is not None:
+            parts = prop(backend, step, r, tape.inputs.pop(i), tape.outputs.pop(i, None))
+        else:
+            parts = _route(step, r, tape, i)
+        for slot, part in zip(step.inputs, parts):
+            rel[slot] = part if rel[slot] is None else rel[slot] + part  # fork: sum
+    result = rel[plan.input_slot]
+    if result is None:  # the output does not depend on the input
+        raise ValueError("the model's output does not depend on its input")
+    return result
+
+
+def _route(step: Step, r: torch.Tensor, tape: Tape, i: int) -> list[torch.Tensor]:
+    """Relevance through steps that move it without changing it."""
+    if isinstance(step, Activation):
+        return [r]
+    if isinstance(step, MaxPool):
+        (shape,) = tape.shapes[i]
+        indices = tape.pool_indices.pop(i)
+        out = r.new_zeros(shape[0], shape[1], shape[2:].numel())
+        out.scatter_add_(2, indices.flatten(2), r.flatten(2))
+        return [out.view(shape)]
+    if isinstance(step, Reshape):
+        if step.undo is not None:
+            return [step.undo(r)]
+        return [r.reshape(tape.shapes[i][0])]
+    if isinstance(step, Cat):
+        sizes = [s[step.dim] for s in tape.shapes[i]]
+        return list(torch.split(r, sizes, dim=step.dim))
+    raise AssertionError(type(step))

@@ -1,0 +1,245 @@
+"""The public API: :class:`Explainer`, :func:`explain`, :class:`Explanation`."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .backends import get_backend
+from .capture import capture
+from .engine import run_forward, run_relevance
+from .plan import Affine, Plan
+from .rules import Propagator, make_rule
+
+GRADIENT_X_INPUT = "gradient_x_input"
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One batch's prediction and its explanation.
+
+    Attributes:
+        relevance: relevance per input element, shape of ``x``; float32 (float64 for
+            float64 inputs). For R-LRP each sample's ``‖relevance‖₁`` equals
+            ``‖output_relevance‖₁`` (``|logit|`` of the target by default).
+        logits: the model's output ``(N, classes)``, in ``x``'s dtype.
+        targets: ``(N,)`` long, the class explained per sample (with a custom
+            ``output_relevance``: the arg-max of ``|output_relevance|``).
+    """
+
+    relevance: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+
+def _check_eval(model: nn.Module) -> None:
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        shown = ", ".join(training[:5]) + (", ..." if len(training) > 5 else "")
+        raise ValueError(f"the model is in training mode ({shown}); call model.eval() first: "
+                         "explanations need BatchNorm running statistics and Dropout off")
+
+
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+
+
+class Explainer:
+    """Explains a classifier with a relevance rule. Build once, call for many batches.
+
+    Args:
+        model: an ``nn.Module`` in eval mode that ``torch.fx`` can trace, built from the
+            supported ops (``rlrp_fast.SUPPORTED_OPS``). It is never modified.
+        rule: ``"rlrp"`` (default), a classic rule (``"lrp0"``, ``"epsilon"``, ``"zplus"``,
+            ``"gamma"``, ``"alphabeta"``, ``"zbox"``, ``"flat"``, ``"wsquare"``), a composite
+            (``"EpsilonPlus"``, ``"EpsilonGammaBox"``, ``"EpsilonPlusFlat"``), or
+            ``"gradient_x_input"``.
+        backend: ``"auto"`` (fastest available), ``"torch"``, ``"triton"`` or ``"cpp"``.
+        **options: the rule's options, e.g. ``skip="ratio"`` for ``rlrp``, ``epsilon=0.25``,
+            ``gamma=0.25``, ``low=..., high=...`` for ``zbox``/``EpsilonGammaBox``.
+
+    The model's weights are snapshotted at construction: changing them afterwards raises an
+    error on the next call (build a new explainer). Safe to call from several threads.
+    """
+
+    def __init__(self, model: nn.Module, rule: str = "rlrp", backend: str = "auto",
+                 **options) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_eval(model)
+        self.model = model
+        self.rule_name = rule
+        tensors = [*model.parameters(), *model.buffers()]
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        self._param_dtype = next((t.dtype for t in tensors if t.is_floating_point()),
+                                 torch.float32)
+        self._versions = _versions(model)
+        self._backend = get_backend(backend, self.device)
+        self._lock = threading.Lock()
+        self._propagators: dict[torch.dtype, list[Propagator | None]] = {}
+        self._weights: dict[torch.dtype, dict[int, tuple]] = {}
+        if rule == GRADIENT_X_INPUT:
+            if options:
+                raise TypeError(f"rule {rule!r} takes no options, got {sorted(options)}")
+            self._plan: Plan | None = None
+            self._rule = None
+            return
+        self._rule = make_rule(rule, **options)
+        self._plan = capture(model)
+        self._prepare(torch.float32)
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use."""
+        return self._backend.name
+
+    # -- per-dtype caches (built once per dtype, under a lock) ---------------------------------
+    def _prepare(self, dtype: torch.dtype) -> tuple[list[Propagator | None], dict[int, tuple]]:
+        rel_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        with self._lock:
+            if rel_dtype not in self._propagators:
+                self._propagators[rel_dtype] = self._rule.propagators(self._plan, rel_dtype)
+            if dtype not in self._weights:
+                self._weights[dtype] = {
+                    i: (s.weight.to(dtype), None if s.bias is None else s.bias.to(dtype))
+                    for i, s in enumerate(self._plan.steps) if isinstance(s, Affine)}
+            return self._propagators[rel_dtype], self._weights[dtype]
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"x has dtype {x.dtype}; expected one of "
+                            f"{[str(d) for d in _INPUT_DTYPES]}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.device}")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+        if self._plan is not None:
+            for step in self._plan.steps:
+                if isinstance(step, Affine) and self._plan.input_slot in step.inputs:
+                    self._check_first_layer(step, x)
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or Inf")
+
+    @staticmethod
+    def _check_first_layer(step: Affine, x: torch.Tensor) -> None:
+        w = step.weight
+        if step.is_conv:
+            expected = w.shape[1] * step.groups
+            if x.dim() != step.conv_dims + 2 or x.shape[1] != expected:
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)} but the first layer {step.target!r} "
+                    f"(Conv{step.conv_dims}d) expects (N, {expected}, "
+                    f"{', '.join(['...'] * step.conv_dims)})")
+        elif x.shape[-1] != w.shape[1]:
+            raise ValueError(f"x has shape {tuple(x.shape)} but the first layer "
+                             f"{step.target!r} (Linear) expects (N, ..., {w.shape[1]})")
+
+    @staticmethod
+    def _check_target(target, n: int) -> torch.Tensor | int | None:
+        if target is None or isinstance(target, int) and not isinstance(target, bool):
+            return target
+        if isinstance(target, (list, tuple)):
+            target = torch.tensor(target)
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be None, an int or a tensor of class indices, "
+                            f"got {type(target).__name__}")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        if target.dim() == 0:
+            return int(target)
+        if target.shape != (n,):
+            raise ValueError(f"target must have shape ({n},) (one class per sample), got "
+                             f"{tuple(target.shape)}")
+        return target
+
+    # -- the call ------------------------------------------------------------------------------
+    def explain(self, x: torch.Tensor, target: int | torch.Tensor | None = None,
+                output_relevance: torch.Tensor | None = None) -> Explanation:
+        """Predict and explain the batch ``x``.
+
+        Args:
+            x: input batch ``(N, ...)`` on the model's device, float16/bfloat16/float32/
+                float64 (the forward runs in this dtype; relevance accumulates in float32,
+                float64 for float64 inputs).
+            target: class to explain: None (arg-max per sample), an int, or ``(N,)``
+                integer tensor.
+            output_relevance: instead of ``target``, the relevance at the logits
+                ``(N, classes)`` (e.g. a one-hot).
+        """
+        _check_eval(self.model)
+        if _versions(self.model) != self._versions:
+            raise ValueError("the model's parameters or buffers changed since this Explainer "
+                             "was built; build a new Explainer")
+        self._check_input(x)
+        if target is not None and output_relevance is not None:
+            raise ValueError("pass either target or output_relevance, not both")
+        target = self._check_target(target, x.shape[0])
+        if output_relevance is not None:
+            if not isinstance(output_relevance, torch.Tensor):
+                raise TypeError("output_relevance must be a tensor of the logits' shape")
+            if not torch.isfinite(output_relevance).all():
+                raise ValueError("output_relevance contains NaN or Inf")
+        if self._plan is None:
+            return self._gradient_x_input(x, target, output_relevance)
+        propagators, weights = self._prepare(x.dtype)
+        with torch.inference_mode():
+            logits, tape = run_forward(self._plan, x, weights, propagators)
+            rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            r_out, targets = _output_relevance(logits, target, output_relevance, rel_dtype)
+            relevance = run_relevance(self._plan, tape, r_out, self._backend, propagators)
+        return Explanation(relevance=relevance, logits=logits, targets=targets)
+
+    __call__ = explain
+
+    def _gradient_x_input(self, x, target, output_relevance) -> Explanation:
+        with torch.inference_mode(False), torch.enable_grad():
+            x_grad = x.detach().clone().requires_grad_(True)
+            logits = self.model(x_grad)
+            rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            r_out, targets = _output_relevance(logits.detach(), target, output_relevance,
+                                               rel_dtype)
+            (grad,) = torch.autograd.grad(logits, x_grad, r_out.to(logits.dtype))
+        return Explanation(relevance=(x.to(rel_dtype) * grad.to(rel_dtype)),
+                           logits=logits.detach(), targets=targets)
+
+
+def _output_relevance(logits: torch.Tensor, target, output_relevance, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``R_out``: the target's logit, 0 elsewhere (or the caller's ``output_relevance``)."""
+    if logits.dim() != 2:
+        raise ValueError(f"the model must output logits of shape (N, classes), got "
+                         f"{tuple(logits.shape)}")
+    n, classes = logits.shape
+    if output_relevance is not None:
+        if output_relevance.shape != logits.shape:
+            raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}, "
+                             f"the logits have {tuple(logits.shape)}")
+        r = output_relevance.to(device=logits.device, dtype=dtype)
+        return r, r.abs().argmax(dim=1)
+    if target is None:
+        targets = logits.argmax(dim=1)
+    elif isinstance(target, int):
+        targets = torch.full((n,), target, dtype=torch.long, device=logits.device)
+    else:
+        targets = target.to(device=logits.device, dtype=torch.long)
+    bad = (targets < 0) | (targets >= classes)
+    if bad.any():
+        raise ValueError(f"target {targets[bad][0].item()} is out of range for {classes} classes")
+    r = torch.zeros(n, classes, dtype=dtype, device=logits.device)
+    r.scatter_(1, targets.view(-1, 1), logits.gather(1, targets.view(-1, 1)).to(dtype))
+    return r, targets
+
+
+def explain(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None,
+            output_relevance: torch.Tensor | None = None, **options) -> Explanation:
+    """One-shot convenience: ``Explainer(model, **options).explain(x, target, ...)``.
+
+    Building an explainer traces the model; reuse an :class:`Explainer` for many batches."""
+    return Explainer(model, **options).explain(x, target=target,
+                                               output_relevance=output_relevance)

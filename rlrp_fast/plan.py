@@ -1,0 +1,191 @@
+"""The Plan: a traced model as an ordered list of small, immutable steps.
+
+A step reads tensors from numbered *slots* and writes one slot. Slot values live only during
+one call; the plan itself holds no per-call state, so one plan serves many threads at once.
+
+Step kinds (one class each):
+
+- ``Affine``   Linear / ConvNd with explicit (BatchNorm-folded) weight and bias.
+- ``Pool``     parameter-free linear maps: AvgPool*, AdaptiveAvgPool*, mean over dims.
+- ``Scale``    a BatchNorm with nothing to fold into: ``z = s·a + t`` per channel.
+- ``Activation`` elementwise nonlinearity; relevance passes through unchanged.
+- ``MaxPool``  MaxPool* / AdaptiveMaxPool*; relevance goes to the winning element.
+- ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose; relevance follows
+  the element.
+- ``Add``      residual sum of two or more tensors.
+- ``Cat``      concatenation; each input receives its slice.
+- ``Meta``     non-tensor values (``x.size(0)``) that shape arguments of other steps need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """A reference to a slot inside a step's argument structure."""
+
+    slot: int
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """Base of all steps: ``name`` is the traced node's name (used in messages),
+    ``target`` what the user wrote (module path or function name), ``inputs`` the tensor
+    slots relevance flows back to, ``output`` the slot written."""
+
+    name: str
+    target: str
+    inputs: tuple[int, ...]
+    output: int
+
+
+@dataclass(frozen=True, eq=False)
+class Affine(Step):
+    """``z = W a + b``. ``conv_dims`` is 0 for Linear, 1/2/3 for ConvNd.
+
+    ``weight``/``bias`` are the folded parameters in the model's dtype and device (a copy:
+    the user's model is never touched). ``folded_batchnorm`` marks a Linear with a
+    BatchNorm1d folded in, which is only right for ``(N, features)`` inputs."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    conv_dims: int = 0
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    folded_batchnorm: bool = False
+
+    @property
+    def is_conv(self) -> bool:
+        return self.conv_dims > 0
+
+
+@dataclass(frozen=True, eq=False)
+class Pool(Step):
+    """A parameter-free linear map. ``kind`` is ``"avg"``, ``"adaptive_avg"`` or ``"mean"``.
+
+    ``params`` holds the pooling arguments: for ``avg`` kernel_size, stride, padding,
+    ceil_mode, count_include_pad, divisor_override; for ``adaptive_avg`` output_size; for
+    ``mean`` dims and keepdim. ``dims`` is the number of spatial dims (1/2/3) of pools."""
+
+    kind: str
+    dims: int
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(Step):
+    """``z = scale·a + shift`` with per-channel (dim 1) ``scale``/``shift`` vectors."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Activation(Step):
+    """Elementwise ``z = fn(a)``; ``fn`` never works in place."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPool(Step):
+    """Max pooling. ``fn(a)`` returns ``(z, indices)`` with indices flat over the spatial
+    dims of each (sample, channel) plane, as PyTorch's pooling returns them."""
+
+    fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True, eq=False)
+class Reshape(Step):
+    """Element-preserving rearrangement ``z = fn(a, *args, **kwargs)``.
+
+    ``undo`` maps relevance back for permute/transpose; when it is None, relevance is
+    reshaped back to the input's shape."""
+
+    fn: Callable[..., torch.Tensor]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    undo: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Step):
+    """``z = Σ inputs`` (broadcasting is refused at run time)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Cat(Step):
+    """``z = torch.cat(inputs, dim)``."""
+
+    dim: int
+
+
+@dataclass(frozen=True, eq=False)
+class Meta(Step):
+    """A non-tensor value (shape arithmetic). ``inputs`` is empty: no relevance flows."""
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+LINEAR_STEPS = (Affine, Pool, Scale)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """An ordered, immutable program. ``steps`` are in forward (topological) order."""
+
+    steps: tuple[Step, ...]
+    input_slot: int
+    output_slot: int
+    num_slots: int
+
+    def consumers(self) -> dict[int, list[int]]:
+        """Slot → indices of the steps that read it (as a tensor input or an argument)."""
+        out: dict[int, list[int]] = {}
+        for i, step in enumerate(self.steps):
+            for slot in step_reads(step):
+                out.setdefault(slot, []).append(i)
+        return out
+
+    def affine_steps(self) -> list[Affine]:
+        return [s for s in self.steps if isinstance(s, Affine)]
+
+
+def step_reads(step: Step) -> list[int]:
+    """Every slot a step reads in the forward pass: its tensor inputs and slot arguments."""
+    slots = list(step.inputs)
+    if isinstance(step, (Reshape, Meta)):
+        slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
+    return slots
+
+
+def _iter_refs(obj):
+    if isinstance(obj, SlotRef):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _iter_refs(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _iter_refs(item)
+
+
+def resolve(obj, values: list):
+    """Replace every ``SlotRef`` inside ``obj`` by its slot's current value."""
+    if isinstance(obj, SlotRef):
+        return values[obj.slot]
+    if isinstance(obj, tuple):
+        return tuple(resolve(o, values) for o in obj)
+    if isinstance(obj, list):
+        return [resolve(o, values) for o in obj]
+    if isinstance(obj, dict):
+        return {k: resolve(v, values) for k, v in obj.items()}
+    return obj

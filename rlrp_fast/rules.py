@@ -1,0 +1,360 @@
+"""Rules: how each linear op (and residual add) redistributes relevance.
+
+A rule turns a :class:`Plan` into one *propagator* per step that needs one (``Affine``,
+``Pool``, ``Scale``, ``Add``); routing steps (activations, max-pool, reshapes, cat) route
+relevance the same way under every rule and live in ``engine.py``. Rule weights (z⁺, γ, flat,
+w², ...) are derived here once, at construction, and held by the propagators.
+
+``"rlrp"`` is the formulation of ``RLRP_SPEC.md``. The classic rules and composites mean what
+zennit 0.5.1 means by them: its stabiliser ``z + ε·(sign(z) + (z == 0))``, ``Pass`` on
+activations and its ``Norm`` rule on average pools and residual sums. A BatchNorm with nothing
+to fold into is a fixed diagonal linear map and gets ``Norm`` too (zennit has no rule for it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from .backends import Backend, l1_per_sample
+from .plan import Add, Affine, Plan, Pool, Scale, Step
+
+SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
+COMPOSITES = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat")
+RULES = ("rlrp", *SINGLE_RULES, *COMPOSITES)
+
+# Options each rule accepts, with defaults (zennit 0.5.1's defaults for the classic rules).
+_OPTIONS: dict[str, dict[str, object]] = {
+    "rlrp": {"skip": "linear"},
+    "lrp0": {},
+    "epsilon": {"epsilon": 1e-6},
+    "zplus": {"stabilizer": 1e-6},
+    "gamma": {"gamma": 0.25, "stabilizer": 1e-6},
+    "alphabeta": {"alpha": 2.0, "beta": 1.0, "stabilizer": 1e-6},
+    "zbox": {"low": None, "high": None, "stabilizer": 1e-6},
+    "flat": {"stabilizer": 1e-6},
+    "wsquare": {"stabilizer": 1e-6},
+    "EpsilonPlus": {"epsilon": 1e-6, "stabilizer": 1e-6},
+    "EpsilonGammaBox": {"low": None, "high": None, "epsilon": 1e-6, "gamma": 0.25,
+                        "stabilizer": 1e-6},
+    "EpsilonPlusFlat": {"epsilon": 1e-6, "stabilizer": 1e-6},
+}
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """zennit's stabiliser: ``z + ε·(sign(z) + (z == 0))`` (``ε = 0`` leaves ``z`` alone)."""
+    if eps == 0:
+        return z
+    return z + eps * ((z == 0).to(z.dtype) + z.sign())
+
+
+class Propagator(Protocol):
+    """Maps relevance ``r`` at a step's output to relevance at each of its inputs.
+
+    ``inputs`` are the tensors that entered the step in the forward pass, ``z`` its output
+    (only kept when ``needs_output``)."""
+
+    needs_output: bool
+
+    def __call__(self, backend: Backend, step: Step, r: torch.Tensor,
+                 inputs: Sequence[torch.Tensor], z: torch.Tensor | None) -> list[torch.Tensor]:
+        ...
+
+
+def _renormalise(r_tilde: torch.Tensor, l1_tilde: torch.Tensor, l1_target: torch.Tensor
+                 ) -> torch.Tensor:
+    """Scale each sample so that ``‖R‖₁`` equals ``l1_target``; 0 where ``‖R̃‖₁ = 0``."""
+    factor = torch.where(l1_tilde > 0, l1_target / l1_tilde.clamp_min(torch.finfo(l1_tilde.dtype).tiny),
+                         torch.zeros_like(l1_tilde))
+    return r_tilde.mul_(factor.view(-1, *([1] * (r_tilde.dim() - 1))))
+
+
+def _pool_or_scale_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.Tensor
+                        ) -> torch.Tensor:
+    """``a ⊙ (Pᵀ g)`` for a parameter-free linear step (Pool) or a diagonal one (Scale)."""
+    if isinstance(step, Pool):
+        return backend.pool_adjoint(step, g, a.shape).mul_(a)
+    scale = step.scale.to(g.dtype).view(-1, *([1] * (g.dim() - 2)))
+    return (g * scale).mul_(a)
+
+
+# -- R-LRP ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RlrpAffine:
+    """``R̃_a = a ⊙ (Wᵀ R_z)``, renormalised to ``‖R_z‖₁`` per sample."""
+
+    weight: torch.Tensor
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        a = inputs[0].to(r.dtype)
+        r_tilde, l1 = backend.affine_contract_l1(step, self.weight, r, a)
+        return [_renormalise(r_tilde, l1, l1_per_sample(r))]
+
+
+@dataclass(frozen=True)
+class RlrpFixedLinear:
+    """The same rule for average pools, means and lone BatchNorms."""
+
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        r_tilde = _pool_or_scale_back(backend, step, r, inputs[0].to(r.dtype))
+        return [_renormalise(r_tilde, l1_per_sample(r_tilde), l1_per_sample(r))]
+
+
+@dataclass(frozen=True)
+class RlrpAddLinear:
+    """``skip="linear"``: the add as a unit-weight linear map, one joint scalar per sample."""
+
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        parts = [(u.to(r.dtype) * r).sum_to_size(u.shape) for u in inputs]
+        total = sum(l1_per_sample(p) for p in parts)
+        target = l1_per_sample(r)
+        factor = torch.where(total > 0, target / total.clamp_min(torch.finfo(total.dtype).tiny),
+                             torch.zeros_like(total))
+        return [p.mul_(factor.view(-1, *([1] * (p.dim() - 1)))) for p in parts]
+
+
+@dataclass(frozen=True)
+class RlrpAddRatio:
+    """``skip="ratio"``: the paper's rule ``R_u = (u / y) ⊙ R_y``, 0 where ``y == 0``."""
+
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        ups = [u.to(r.dtype) for u in inputs]
+        y = sum(ups)
+        share = torch.where(y != 0, r / torch.where(y != 0, y, torch.ones_like(y)),
+                            torch.zeros_like(y))
+        return [(u * share).sum_to_size(u.shape) for u in ups]
+
+
+# -- zennit's rules ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Norm:
+    """zennit's ``Norm``: ``R_a = a ⊙ Pᵀ(R / stab(z))`` for fixed linear maps and sums."""
+
+    stabilizer: float
+    needs_output = True
+
+    def __call__(self, backend, step, r, inputs, z):
+        g = r / stabilize(z.to(r.dtype), self.stabilizer)
+        if isinstance(step, Add):
+            return [(u.to(r.dtype) * g).sum_to_size(u.shape) for u in inputs]
+        return [_pool_or_scale_back(backend, step, g, inputs[0].to(r.dtype))]
+
+
+@dataclass(frozen=True)
+class Epsilon:
+    """LRP-ε (LRP-0 for ``epsilon = 0``): ``R_a = a ⊙ Wᵀ(R / stab(z))``."""
+
+    weight: torch.Tensor
+    epsilon: float
+    needs_output = True
+
+    def __call__(self, backend, step, r, inputs, z):
+        a = inputs[0].to(r.dtype)
+        g = r / stabilize(z.to(r.dtype), self.epsilon)
+        return [backend.affine_contract(step, self.weight, g, a.shape, a)]
+
+
+def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+@dataclass(frozen=True)
+class TwoSignTerms:
+    """The family of z⁺, γ and αβ: inputs split by sign, weights modified per sign.
+
+    For each *output group* ``k`` (z⁺: one; αβ and γ: a positive and a negative one), the
+    denominator is ``z_k = W_k⁺ a⁺ + b_k + W_k⁻ a⁻`` and
+    ``R_a += c_k · (a⁺ ⊙ W_k⁺ᵀ g_k + a⁻ ⊙ W_k⁻ᵀ g_k)`` with ``g_k = m_k ⊙ R / stab(z_k)``,
+    where ``m_k`` is a mask on the original output's sign (γ) or 1.
+    """
+
+    # per group: (weight applied to a⁺, bias, weight applied to a⁻, coefficient, mask sign)
+    groups: tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float, int], ...]
+    stabilizer: float
+    needs_output: bool = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        a = inputs[0].to(r.dtype)
+        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+        has_neg = bool((a_neg != 0).any())  # ReLU inputs: the a⁻ half is all zeros
+        out = None
+        for w_for_pos, bias, w_for_neg, coef, mask_sign in self.groups:
+            zk = backend.affine_forward(step, w_for_pos, bias, a_pos)
+            if has_neg:
+                zk = zk + backend.affine_forward(step, w_for_neg, None, a_neg)
+            g = r / stabilize(zk, self.stabilizer)
+            if mask_sign:
+                g = g * ((z.to(r.dtype) * mask_sign) > 0)
+            term = backend.affine_contract(step, w_for_pos, g, a.shape, a_pos)
+            if has_neg:
+                term = term + backend.affine_contract(step, w_for_neg, g, a.shape, a_neg)
+            term = term * coef if coef != 1 else term
+            out = term if out is None else out + term
+        return [out]
+
+
+@dataclass(frozen=True)
+class ZBox:
+    """zB: ``z = W a + b − (W⁺ l + b⁺) − (W⁻ h + b⁻)``,
+    ``R_a = a ⊙ Wᵀg − l ⊙ W⁺ᵀg − h ⊙ W⁻ᵀg`` with ``g = R / stab(z)``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    low: torch.Tensor
+    high: torch.Tensor
+    stabilizer: float
+    needs_output = True
+
+    def __call__(self, backend, step, r, inputs, z):
+        a = inputs[0].to(r.dtype)
+        low = self.low.to(r.dtype).expand_as(a)
+        high = self.high.to(r.dtype).expand_as(a)
+        w_pos, w_neg = self.weight.clamp(min=0), self.weight.clamp(max=0)
+        zb = (z.to(r.dtype) - backend.affine_forward(step, w_pos, _pos(self.bias), low)
+              - backend.affine_forward(step, w_neg, _neg(self.bias), high))
+        g = r / stabilize(zb, self.stabilizer)
+        return [backend.affine_contract(step, self.weight, g, a.shape, a)
+                - backend.affine_contract(step, w_pos, g, a.shape, low)
+                - backend.affine_contract(step, w_neg, g, a.shape, high)]
+
+
+@dataclass(frozen=True)
+class InputFree:
+    """Flat and w²: the input is replaced by ones, ``R_a = Vᵀ(R / stab(V·1 + c))``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stabilizer: float
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        shape = inputs[0].shape
+        ones = torch.ones((), dtype=r.dtype, device=r.device).expand(shape)
+        g = r / stabilize(backend.affine_forward(step, self.weight, self.bias, ones),
+                          self.stabilizer)
+        return [backend.affine_contract(step, self.weight, g, shape)]
+
+
+# -- building a rule -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """A validated rule name with its options."""
+
+    name: str
+    options: dict
+
+    def propagators(self, plan: Plan, dtype: torch.dtype) -> list[Propagator | None]:
+        """One propagator per step of ``plan`` (None for routing steps), weights in ``dtype``."""
+        first = _first_affine(plan, conv_only=self.name == "EpsilonGammaBox")
+        return [self._for_step(step, step is first, dtype) for step in plan.steps]
+
+    def _for_step(self, step: Step, is_first: bool, dtype: torch.dtype) -> Propagator | None:
+        if not isinstance(step, (Affine, Pool, Scale, Add)):
+            return None
+        o = self.options
+        if self.name == "rlrp":
+            if isinstance(step, Affine):
+                return RlrpAffine(step.weight.to(dtype))
+            if isinstance(step, Add):
+                return RlrpAddLinear() if o["skip"] == "linear" else RlrpAddRatio()
+            return RlrpFixedLinear()
+        if not isinstance(step, Affine):
+            return Norm(o.get("stabilizer", 1e-6))
+        return self._classic_affine(step, is_first, dtype)
+
+    def _classic_affine(self, step: Affine, is_first: bool, dtype: torch.dtype) -> Propagator:
+        o = self.options
+        name = self.name
+        if name in COMPOSITES:
+            if name == "EpsilonGammaBox" and is_first:
+                name = "zbox"
+            elif name == "EpsilonPlusFlat" and is_first:
+                name = "flat"
+            elif not step.is_conv:
+                name = "epsilon"
+            else:
+                name = "gamma" if name == "EpsilonGammaBox" else "zplus"
+        return _classic(name, step, o, dtype)
+
+
+def _classic(name: str, step: Affine, o: dict, dtype: torch.dtype) -> Propagator:
+    w = step.weight.to(dtype)
+    b = None if step.bias is None else step.bias.to(dtype)
+    stab = o.get("stabilizer", 1e-6)
+    if name == "lrp0":
+        return Epsilon(w, 0.0)
+    if name == "epsilon":
+        return Epsilon(w, float(o["epsilon"]))
+    if name == "zplus":
+        return TwoSignTerms(((w.clamp(min=0), _pos(b), w.clamp(max=0), 1.0, 0),), stab)
+    if name == "alphabeta":
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        return TwoSignTerms(((wp, _pos(b), wn, float(o["alpha"]), 0),
+                             (wn, _neg(b), wp, -float(o["beta"]), 0)), stab)
+    if name == "gamma":
+        gamma = float(o["gamma"])
+        w_up, w_down = w + gamma * w.clamp(min=0), w + gamma * w.clamp(max=0)
+        b_up = None if b is None else b + gamma * b.clamp(min=0)
+        b_down = None if b is None else b + gamma * b.clamp(max=0)
+        return TwoSignTerms(((w_up, b_up, w_down, 1.0, 1), (w_down, b_down, w_up, 1.0, -1)),
+                            stab, needs_output=True)
+    if name == "zbox":
+        return ZBox(w, b, _bound(o["low"], dtype, w.device), _bound(o["high"], dtype, w.device),
+                    stab)
+    if name == "flat":
+        return InputFree(torch.ones_like(w), None, stab)
+    if name == "wsquare":
+        return InputFree(w * w, None if b is None else b * b, stab)
+    raise AssertionError(name)  # unreachable: names are validated in make_rule
+
+
+def _bound(value, dtype, device) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    # zennit broadcasts low/high against the input without its batch dim
+    return t.unsqueeze(0) if t.dim() > 0 else t
+
+
+def _first_affine(plan: Plan, conv_only: bool) -> Affine | None:
+    for step in plan.steps:
+        if isinstance(step, Affine) and (step.is_conv or not conv_only):
+            return step
+    return None
+
+
+def make_rule(name: str, **options) -> Rule:
+    """Validate ``name`` and its options; fill in defaults."""
+    if name not in _OPTIONS:
+        raise ValueError(f"unknown rule {name!r}; choose one of {RULES + ('gradient_x_input',)}")
+    allowed = _OPTIONS[name]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"rule {name!r} takes no option(s) {unknown}; its options are "
+                        f"{sorted(allowed) or 'none'}")
+    merged = {**allowed, **options}
+    if name == "rlrp" and merged["skip"] not in ("linear", "ratio"):
+        raise ValueError(f"skip must be 'linear' or 'ratio', got {merged['skip']!r}")
+    if "low" in allowed and (merged["low"] is None or merged["high"] is None):
+        raise ValueError(f"rule {name!r} needs the input's bounds: pass low=... and high=... "
+                         "(the lowest and highest possible input values, scalars or "
+                         "per-channel tensors)")
+    for key in ("epsilon", "stabilizer", "gamma", "alpha", "beta"):
+        if key in merged:
+            value = merged[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be a non-negative number, got {value!r}")
+    if name == "alphabeta" and abs(merged["alpha"] - merged["beta"] - 1) > 1e-12:
+        raise ValueError("alphabeta needs alpha - beta == 1 (as zennit)")
+    return Rule(name, merged)
+
