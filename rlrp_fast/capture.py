@@ -37,7 +37,7 @@ class UnsupportedModelError(ValueError):
 
 def _unsupported(node: fx.Node, what: str, why: str = "it is not supported") -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"cannot explain node {node.name!r} ({what}): {why}. Supported: {SUPPORTED_OPS}."
+        f"cannot explain {what} (node {node.name!r}): {why}. Supported: {SUPPORTED_OPS}."
     )
 
 
@@ -268,7 +268,7 @@ class _Builder:
         elif isinstance(module, _PASSTHROUGH_MODULES):
             self.alias(node, node.args[0])
         else:
-            raise _unsupported(node, f"{node.target}: {name}")
+            raise _unsupported(node, f"module {node.target!r} ({name})")
 
     def on_batchnorm(self, node: fx.Node, bn: nn.Module) -> None:
         scale, shift = _batchnorm_affine(node, bn)

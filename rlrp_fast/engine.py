@@ -36,7 +36,7 @@ _ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d,
                       3: F.adaptive_avg_pool3d}
 
 
-class StepError(RuntimeError):
+class StepError(ValueError):
     """A step failed in the forward pass; the message names the step."""
 
 
@@ -114,7 +114,7 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                     tape.shapes[i] = [a.shape for a in args]
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-            raise StepError(f"step {step.name!r} ({step.target}) failed on input shape(s) "
+            raise StepError(f"{step.target!r} (node {step.name!r}) failed on input shape(s) "
                             f"{shapes}: {exc}") from exc
         prop = propagators[i]
         if prop is not None:
