@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .backends import Backend
 from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
                    Step, resolve, step_reads)
+from .numerics import Rel
 from .rules import Propagator
 
 
@@ -130,8 +131,8 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
 def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
                   propagators: list[Propagator | None]) -> torch.Tensor:
     """Walk the plan backwards from ``r_out`` (relevance at the output) to the input."""
-    rel: list[torch.Tensor | None] = [None] * plan.num_slots
-    rel[plan.output_slot] = r_out
+    rel: list[Rel | None] = [None] * plan.num_slots
+    rel[plan.output_slot] = Rel(r_out)
     for i in range(len(plan.steps) - 1, -1, -1):
         step = plan.steps[i]
         r = rel[step.output]
@@ -148,24 +149,23 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
     result = rel[plan.input_slot]
     if result is None:  # the output does not depend on the input
         raise ValueError("the model's output does not depend on its input")
-    return result
+    return result.materialize()
 
 
-def _route(step: Step, r: torch.Tensor, tape: Tape, i: int) -> list[torch.Tensor]:
-    """Relevance through steps that move it without changing it."""
+def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
+    """Relevance through steps that move it without changing it (the scale rides along)."""
     if isinstance(step, Activation):
         return [r]
     if isinstance(step, MaxPool):
         (shape,) = tape.shapes[i]
         indices = tape.pool_indices.pop(i)
-        out = r.new_zeros(shape[0], shape[1], shape[2:].numel())
-        out.scatter_add_(2, indices.flatten(2), r.flatten(2))
-        return [out.view(shape)]
+        out = r.value.new_zeros(shape[0], shape[1], shape[2:].numel())
+        out.scatter_add_(2, indices.flatten(2), r.value.flatten(2))
+        return [Rel(out.view(shape), r.scale)]  # overlapping windows may sum: l1 unknown
     if isinstance(step, Reshape):
-        if step.undo is not None:
-            return [step.undo(r)]
-        return [r.reshape(tape.shapes[i][0])]
+        value = step.undo(r.value) if step.undo is not None else r.value.reshape(tape.shapes[i][0])
+        return [Rel(value, r.scale, r.l1)]
     if isinstance(step, Cat):
         sizes = [s[step.dim] for s in tape.shapes[i]]
-        return list(torch.split(r, sizes, dim=step.dim))
+        return [Rel(part, r.scale) for part in torch.split(r.value, sizes, dim=step.dim)]
     raise AssertionError(type(step))

@@ -17,7 +17,8 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .backends import Backend, l1_per_sample
+from .backends import Backend
+from .numerics import Rel, l1_per_sample, safe_ratio, stabilize
 from .plan import Add, Affine, Plan, Pool, Scale, Step
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
@@ -42,36 +43,23 @@ _OPTIONS: dict[str, dict[str, object]] = {
 }
 
 
-def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """zennit's stabiliser: ``z + ε·(sign(z) + (z == 0))`` (``ε = 0`` leaves ``z`` alone)."""
-    if eps == 0:
-        return z
-    return z + eps * ((z == 0).to(z.dtype) + z.sign())
-
-
 class Propagator(Protocol):
     """Maps relevance ``r`` at a step's output to relevance at each of its inputs.
 
     ``inputs`` are the tensors that entered the step in the forward pass, ``z`` its output
-    (only kept when ``needs_output``)."""
+    (only kept when ``needs_output``). Relevance travels as :class:`Rel`: a value and a
+    per-sample scale not yet applied; every rule is positively homogeneous, so a propagator
+    works on ``r.value`` and passes the scale on (R-LRP folds it into its own)."""
 
     needs_output: bool
 
-    def __call__(self, backend: Backend, step: Step, r: torch.Tensor,
-                 inputs: Sequence[torch.Tensor], z: torch.Tensor | None) -> list[torch.Tensor]:
+    def __call__(self, backend: Backend, step: Step, r: Rel,
+                 inputs: Sequence[torch.Tensor], z: torch.Tensor | None) -> list[Rel]:
         ...
 
 
-def _renormalise(r_tilde: torch.Tensor, l1_tilde: torch.Tensor, l1_target: torch.Tensor
-                 ) -> torch.Tensor:
-    """Scale each sample so that ``‖R‖₁`` equals ``l1_target``; 0 where ``‖R̃‖₁ = 0``."""
-    factor = torch.where(l1_tilde > 0, l1_target / l1_tilde.clamp_min(torch.finfo(l1_tilde.dtype).tiny),
-                         torch.zeros_like(l1_tilde))
-    return r_tilde.mul_(factor.view(-1, *([1] * (r_tilde.dim() - 1))))
-
-
-def _pool_or_scale_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.Tensor
-                        ) -> torch.Tensor:
+def _fixed_linear_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.Tensor
+                       ) -> torch.Tensor:
     """``a ⊙ (Pᵀ g)`` for a parameter-free linear step (Pool) or a diagonal one (Scale)."""
     if isinstance(step, Pool):
         return backend.pool_adjoint(step, g, a.shape).mul_(a)
@@ -82,15 +70,18 @@ def _pool_or_scale_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.
 # -- R-LRP ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RlrpAffine:
-    """``R̃_a = a ⊙ (Wᵀ R_z)``, renormalised to ``‖R_z‖₁`` per sample."""
+    """``R̃_a = a ⊙ (Wᵀ R_z)``, renormalised to ``‖R_z‖₁`` per sample.
+
+    The incoming scale is applied in the contraction's epilogue; the outgoing
+    renormalisation factor is left for the next contraction to apply."""
 
     weight: torch.Tensor
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        a = inputs[0].to(r.dtype)
-        r_tilde, l1 = backend.affine_contract_l1(step, self.weight, r, a)
-        return [_renormalise(r_tilde, l1, l1_per_sample(r))]
+        a = inputs[0].to(r.value.dtype)
+        r_tilde, l1 = backend.affine_contract_l1(step, self.weight, r.value, a, r.scale)
+        return [Rel(r_tilde, safe_ratio(r.total_l1(), l1), l1)]
 
 
 @dataclass(frozen=True)
@@ -100,8 +91,9 @@ class RlrpFixedLinear:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        r_tilde = _pool_or_scale_back(backend, step, r, inputs[0].to(r.dtype))
-        return [_renormalise(r_tilde, l1_per_sample(r_tilde), l1_per_sample(r))]
+        r_tilde = _fixed_linear_back(backend, step, r.value, inputs[0].to(r.value.dtype))
+        l1 = l1_per_sample(r_tilde)
+        return [Rel(r_tilde, safe_ratio(r.total_l1(), l1), l1)]
 
 
 @dataclass(frozen=True)
@@ -111,12 +103,10 @@ class RlrpAddLinear:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        parts = [(u.to(r.dtype) * r).sum_to_size(u.shape) for u in inputs]
-        total = sum(l1_per_sample(p) for p in parts)
-        target = l1_per_sample(r)
-        factor = torch.where(total > 0, target / total.clamp_min(torch.finfo(total.dtype).tiny),
-                             torch.zeros_like(total))
-        return [p.mul_(factor.view(-1, *([1] * (p.dim() - 1)))) for p in parts]
+        parts = [(u.to(r.value.dtype) * r.value).sum_to_size(u.shape) for u in inputs]
+        norms = [l1_per_sample(p) for p in parts]
+        factor = safe_ratio(r.total_l1(), sum(norms))
+        return [Rel(p, factor, n) for p, n in zip(parts, norms)]
 
 
 @dataclass(frozen=True)
@@ -126,11 +116,12 @@ class RlrpAddRatio:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        ups = [u.to(r.dtype) for u in inputs]
+        ups = [u.to(r.value.dtype) for u in inputs]
         y = sum(ups)
-        share = torch.where(y != 0, r / torch.where(y != 0, y, torch.ones_like(y)),
+        nonzero = y != 0
+        share = torch.where(nonzero, r.value / torch.where(nonzero, y, torch.ones_like(y)),
                             torch.zeros_like(y))
-        return [(u * share).sum_to_size(u.shape) for u in ups]
+        return [Rel((u * share).sum_to_size(u.shape), r.scale) for u in ups]
 
 
 # -- zennit's rules ------------------------------------------------------------------------
@@ -142,10 +133,10 @@ class Norm:
     needs_output = True
 
     def __call__(self, backend, step, r, inputs, z):
-        g = r / stabilize(z.to(r.dtype), self.stabilizer)
+        g = r.value / stabilize(z.to(r.value.dtype), self.stabilizer)
         if isinstance(step, Add):
-            return [(u.to(r.dtype) * g).sum_to_size(u.shape) for u in inputs]
-        return [_pool_or_scale_back(backend, step, g, inputs[0].to(r.dtype))]
+            return [Rel((u.to(g.dtype) * g).sum_to_size(u.shape), r.scale) for u in inputs]
+        return [Rel(_fixed_linear_back(backend, step, g, inputs[0].to(g.dtype)), r.scale)]
 
 
 @dataclass(frozen=True)
@@ -157,9 +148,9 @@ class Epsilon:
     needs_output = True
 
     def __call__(self, backend, step, r, inputs, z):
-        a = inputs[0].to(r.dtype)
-        g = r / stabilize(z.to(r.dtype), self.epsilon)
-        return [backend.affine_contract(step, self.weight, g, a.shape, a)]
+        a = inputs[0].to(r.value.dtype)
+        return [Rel(backend.affine_contract(step, self.weight, r.value, a.shape, a, z=z,
+                                            eps=self.epsilon), r.scale)]
 
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -186,7 +177,8 @@ class TwoSignTerms:
     needs_output: bool = False
 
     def __call__(self, backend, step, r, inputs, z):
-        a = inputs[0].to(r.dtype)
+        t = r.value
+        a = inputs[0].to(t.dtype)
         a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
         has_neg = bool((a_neg != 0).any())  # ReLU inputs: the a⁻ half is all zeros
         out = None
@@ -194,15 +186,15 @@ class TwoSignTerms:
             zk = backend.affine_forward(step, w_for_pos, bias, a_pos)
             if has_neg:
                 zk = zk + backend.affine_forward(step, w_for_neg, None, a_neg)
-            g = r / stabilize(zk, self.stabilizer)
+            g = t / stabilize(zk, self.stabilizer)
             if mask_sign:
-                g = g * ((z.to(r.dtype) * mask_sign) > 0)
+                g = g * ((z.to(t.dtype) * mask_sign) > 0)
             term = backend.affine_contract(step, w_for_pos, g, a.shape, a_pos)
             if has_neg:
                 term = term + backend.affine_contract(step, w_for_neg, g, a.shape, a_neg)
             term = term * coef if coef != 1 else term
             out = term if out is None else out + term
-        return [out]
+        return [Rel(out, r.scale)]
 
 
 @dataclass(frozen=True)
@@ -218,16 +210,17 @@ class ZBox:
     needs_output = True
 
     def __call__(self, backend, step, r, inputs, z):
-        a = inputs[0].to(r.dtype)
-        low = self.low.to(r.dtype).expand_as(a)
-        high = self.high.to(r.dtype).expand_as(a)
+        t = r.value
+        a = inputs[0].to(t.dtype)
+        low = self.low.to(t.dtype).expand_as(a)
+        high = self.high.to(t.dtype).expand_as(a)
         w_pos, w_neg = self.weight.clamp(min=0), self.weight.clamp(max=0)
-        zb = (z.to(r.dtype) - backend.affine_forward(step, w_pos, _pos(self.bias), low)
+        zb = (z.to(t.dtype) - backend.affine_forward(step, w_pos, _pos(self.bias), low)
               - backend.affine_forward(step, w_neg, _neg(self.bias), high))
-        g = r / stabilize(zb, self.stabilizer)
-        return [backend.affine_contract(step, self.weight, g, a.shape, a)
-                - backend.affine_contract(step, w_pos, g, a.shape, low)
-                - backend.affine_contract(step, w_neg, g, a.shape, high)]
+        g = t / stabilize(zb, self.stabilizer)
+        return [Rel(backend.affine_contract(step, self.weight, g, a.shape, a)
+                    - backend.affine_contract(step, w_pos, g, a.shape, low)
+                    - backend.affine_contract(step, w_neg, g, a.shape, high), r.scale)]
 
 
 @dataclass(frozen=True)
@@ -240,11 +233,12 @@ class InputFree:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        t = r.value
         shape = inputs[0].shape
-        ones = torch.ones((), dtype=r.dtype, device=r.device).expand(shape)
-        g = r / stabilize(backend.affine_forward(step, self.weight, self.bias, ones),
-                          self.stabilizer)
-        return [backend.affine_contract(step, self.weight, g, shape)]
+        ones = torch.ones((), dtype=t.dtype, device=t.device).expand(shape)
+        z_ones = backend.affine_forward(step, self.weight, self.bias, ones)
+        return [Rel(backend.affine_contract(step, self.weight, t, shape, z=z_ones,
+                                            eps=self.stabilizer), r.scale)]
 
 
 # -- building a rule -----------------------------------------------------------------------

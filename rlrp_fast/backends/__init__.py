@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
-from .torch_backend import TorchBackend, l1_per_sample
+from .torch_backend import TorchBackend
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 
@@ -27,4 +27,4 @@ def get_backend(name: str, device: torch.device) -> Backend:
     raise ValueError(f"backend {name!r} is unavailable: {_UNAVAILABLE[name]}")
 
 
-__all__ = ["Backend", "TorchBackend", "get_backend", "l1_per_sample", "BACKENDS"]
+__all__ = ["Backend", "TorchBackend", "get_backend", "BACKENDS"]

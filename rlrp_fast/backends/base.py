@@ -3,7 +3,8 @@
 Rules (``rules.py``) express every linear op's relevance through these primitives, so a
 backend that implements them faster (fused kernels) plugs in without touching the plan or
 the rules. Relevance tensors (``g``) are float32 (float64 for float64 inputs); activations
-(``a``) may be in a lower precision and are upcast on use.
+(``a``) may be in a lower precision and are upcast on use. Per-sample scales are ``(N,)``
+tensors of the relevance dtype.
 """
 from __future__ import annotations
 
@@ -26,13 +27,19 @@ class Backend(ABC):
 
     @abstractmethod
     def affine_contract(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
-                        input_shape: torch.Size, a: torch.Tensor | None = None) -> torch.Tensor:
-        """``a ⊙ (Wᵀ g)`` (or ``Wᵀ g`` when ``a`` is None), shape ``input_shape``."""
+                        input_shape: torch.Size, a: torch.Tensor | None = None,
+                        z: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        """``a ⊙ Wᵀ(g / stab(z))``: the classic rules' contraction.
+
+        ``a`` None means no input factor (flat, w²); ``z`` None means no division. ``stab``
+        is zennit's ``z + eps·(sign(z) + (z == 0))``. Shape ``input_shape``."""
 
     @abstractmethod
     def affine_contract_l1(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
-                           a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R̃, ‖R̃‖₁ per sample)`` with ``R̃ = a ⊙ (Wᵀ g)``: the R-LRP hot path."""
+                           a: torch.Tensor, g_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The R-LRP hot path: ``(R̃, ‖R̃‖₁ per sample)`` with
+        ``R̃ = g_scale ⊙ a ⊙ (Wᵀ g)`` (``g_scale`` per sample, 1 when None)."""
 
     @abstractmethod
     def pool_adjoint(self, step: Pool, g: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:

@@ -8,15 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import Affine, Pool
+from ..numerics import l1_per_sample, per_sample, stabilize
 from .base import Backend
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def l1_per_sample(r: torch.Tensor) -> torch.Tensor:
-    """``‖r‖₁`` over all non-batch dims, shape ``(N,)``."""
-    return torch.linalg.vector_norm(r.reshape(r.shape[0], -1), ord=1, dim=1)
 
 
 def _output_padding(step: Affine, input_shape: torch.Size, g: torch.Tensor) -> list[int]:
@@ -48,12 +44,16 @@ class TorchBackend(Backend):
                                        _output_padding(step, input_shape, g), step.groups,
                                        step.dilation)
 
-    def affine_contract(self, step, weight, g, input_shape, a=None):
+    def affine_contract(self, step, weight, g, input_shape, a=None, z=None, eps=0.0):
+        if z is not None:
+            g = g / stabilize(z.to(g.dtype), eps)
         back = self._transpose(step, weight, g, input_shape)
         return back if a is None else back.mul_(a)
 
-    def affine_contract_l1(self, step, weight, g, a):
+    def affine_contract_l1(self, step, weight, g, a, g_scale=None):
         r = self._transpose(step, weight, g, a.shape).mul_(a)
+        if g_scale is not None:
+            r.mul_(per_sample(g_scale, r))
         return r, l1_per_sample(r)
 
     def pool_adjoint(self, step: Pool, g, input_shape):
