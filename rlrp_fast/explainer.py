@@ -220,7 +220,8 @@ def _output_relevance(logits: torch.Tensor, target, output_relevance, dtype: tor
         if output_relevance.shape != logits.shape:
             raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}, "
                              f"the logits have {tuple(logits.shape)}")
-        r = output_relevance.to(device=logits.device, dtype=dtype)
+        # a copy: the relevance pass works in place and must not touch the caller's tensor
+        r = output_relevance.to(device=logits.device, dtype=dtype, copy=True)
         return r, r.abs().argmax(dim=1)
     if target is None:
         targets = logits.argmax(dim=1)

@@ -54,7 +54,12 @@ class Rel(NamedTuple):
         norm = self.value_l1()
         return norm if self.scale is None else norm * self.scale
 
-    def __add__(self, other: "Rel") -> "Rel":  # a fork: relevance from two consumers
-        if self.scale is None and other.scale is None:
-            return Rel(self.value + other.value)
-        return Rel(self.materialize() + other.materialize())
+    def __add__(self, other: "Rel") -> "Rel":
+        """A fork: relevance arriving from two consumers is summed.
+
+        Works in place on ``self.value``: a relevance value belongs to exactly one slot."""
+        summed = self.value if self.scale is None else \
+            self.value.mul_(per_sample(self.scale, self.value))
+        if other.scale is None:
+            return Rel(summed.add_(other.value))
+        return Rel(summed.addcmul_(other.value, per_sample(other.scale, other.value)))
