@@ -212,8 +212,8 @@ class ZBox:
     def __call__(self, backend, step, r, inputs, z):
         t = r.value
         a = inputs[0].to(t.dtype)
-        low = self.low.to(t.dtype).expand_as(a)
-        high = self.high.to(t.dtype).expand_as(a)
+        low = _bound_like(self.low, a, "low")
+        high = _bound_like(self.high, a, "high")
         w_pos, w_neg = self.weight.clamp(min=0), self.weight.clamp(max=0)
         zb = (z.to(t.dtype) - backend.affine_forward(step, w_pos, _pos(self.bias), low)
               - backend.affine_forward(step, w_neg, _neg(self.bias), high))
@@ -315,9 +315,24 @@ def _classic(name: str, step: Affine, o: dict, dtype: torch.dtype) -> Propagator
 
 
 def _bound(value, dtype, device) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=dtype, device=device)
-    # zennit broadcasts low/high against the input without its batch dim
-    return t.unsqueeze(0) if t.dim() > 0 else t
+    return torch.as_tensor(value, dtype=dtype, device=device)
+
+
+def _bound_like(bound: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
+    """``low``/``high`` broadcast to the layer input ``a`` ``(N, C, ...)``: a scalar, a
+    per-channel ``(C,)`` vector, or a tensor broadcastable with or without the batch dim
+    (zennit's ``(1, C, 1, 1)`` and ``(C, 1, 1)`` both work)."""
+    bound = bound.to(a.dtype)
+    if bound.dim() == 1 and a.dim() > 2 and bound.numel() == a.shape[1]:
+        bound = bound.view(1, -1, *([1] * (a.dim() - 2)))
+    elif 0 < bound.dim() == a.dim() - 1:
+        bound = bound.unsqueeze(0)
+    try:
+        return bound.expand_as(a)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(bound.shape)} does not broadcast to the "
+                         f"first layer's input {tuple(a.shape)}; pass a scalar, a (C,) "
+                         "vector or a tensor shaped like one input") from None
 
 
 def _first_affine(plan: Plan, conv_only: bool) -> Affine | None:

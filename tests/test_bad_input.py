@@ -181,3 +181,16 @@ def test_bad_rule_and_options():
 def test_bad_backend():
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         rlrp_fast.Explainer(small_cnn(), backend="fast")
+
+
+def test_zbox_bounds_that_do_not_broadcast():
+    explainer = rlrp_fast.Explainer(small_cnn(), rule="EpsilonGammaBox", low=torch.zeros(4),
+                                    high=torch.ones(4))
+    with pytest.raises(ValueError, match=r"low of shape \(4,\) does not broadcast"):
+        explainer.explain(X)
+    model = small_cnn()
+    per_channel = rlrp_fast.Explainer(model, rule="EpsilonGammaBox", low=-torch.ones(3),
+                                      high=torch.ones(3)).explain(X).relevance
+    scalar = rlrp_fast.Explainer(model, rule="EpsilonGammaBox", low=-1.0,
+                                 high=1.0).explain(X).relevance
+    torch.testing.assert_close(per_channel, scalar)

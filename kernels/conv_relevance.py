@@ -1,0 +1,240 @@
+"""Relevance through a Conv1d/Conv2d in one Triton launch: an implicit-GEMM transposed
+convolution (the convolution's input gradient) with the relevance prologue and epilogue.
+
+For ``z = conv(a, W) + b`` with ``W`` ``[C_out, C_in/G, KH, KW]``, relevance ``g`` at the
+output ``[N, C_out, OH, OW]`` and the input ``a`` ``[N, C_in, H, W]``:
+
+    R̃[n, c, ih, iw] = scale[n] · a[n, c, ih, iw]
+                      · Σ_{co, kh, kw} g'[n, co, oh, ow] · W[co, c, kh, kw]
+
+over the output positions that read ``(ih, iw)``: ``oh·s = ih + p − kh·d`` (same for w),
+divisible and in range, and ``co`` in ``c``'s group; ``g' = g`` or ``g / stab(z)``.
+
+Design. A program computes a ``[BLOCK_P positions, BLOCK_C input channels]`` tile of one group
+and one *phase*: with stride ``s``, the input rows ``ih ≡ ph (mod s)`` all read the same kernel
+taps (``kh·d ≡ ph + p (mod s)``), so each phase loops over its valid taps only — no wasted
+multiply on a stride-2 layer — and the tap test leaves the inner loop. The reduction is one
+flat loop over (valid tap, block of ``C_out/G``), which Triton can pipeline. Positions are
+flattened over ``N × rows × cols`` of the phase so small images still fill a tile. Strides
+are arguments, so NCHW and channels-last tensors (and expanded ones) are read in place.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DOT_PRECISION, add_l1, autotune_or_fixed, divide_by_stabilized, grouped_tile
+
+
+@triton.jit
+def _first_tap(r, S, D, GCD, INV, K):
+    """``(first, step, count)`` of the taps ``k`` in ``[0, K)`` with ``k·D ≡ r (mod S)``.
+
+    ``GCD = gcd(D, S)``; ``INV`` is the inverse of ``D/GCD`` modulo ``S/GCD`` (0 when that
+    modulus is 1). Solvable iff ``GCD | r``; then ``k ≡ (r/GCD)·INV (mod S/GCD)``."""
+    step = S // GCD
+    first = ((r // GCD) * INV) % step
+    count = tl.where((r % GCD == 0) & (first < K), (K - first + step - 1) // step, 0)
+    return first, step, count
+
+
+# Geometry is not specialised on (== 1, divisible by 16): a network's many layer shapes then
+# share a few compiled kernels; strides still are (unit strides vectorise loads).
+@triton.jit(do_not_specialize=[
+    "GROUPS", "CIN_G", "COUT_G", "H", "W", "OH", "OW", "KH", "KW", "QH", "QW", "MQ",
+    "SH", "SW", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "GCD_H", "INV_H", "GCD_W", "INV_W"])
+def _conv_relevance_kernel(
+    g_ptr, z_ptr, w_ptr, a_ptr, scale_ptr, out_ptr, l1_ptr,
+    GROUPS, CIN_G, COUT_G, H, W, OH, OW, KH, KW, QH, QW, MQ,
+    SH, SW, PAD_H, PAD_W, DIL_H, DIL_W, GCD_H, INV_H, GCD_W, INV_W,
+    stride_gn, stride_gc, stride_gh, stride_gw,
+    stride_zn, stride_zc, stride_zh, stride_zw,
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_an, stride_ac, stride_ah, stride_aw,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    eps,
+    HAS_Z: tl.constexpr, HAS_EPS: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_SCALE: tl.constexpr, COMPUTE_L1: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Grid: (position tiles × channel tiles, phases × groups)."""
+    pid_pg = tl.program_id(1)
+    grp = pid_pg % GROUPS
+    phase = pid_pg // GROUPS
+    ph = phase // SW
+    pw = phase % SW
+    pid_p, pid_c = grouped_tile(tl.program_id(0), tl.cdiv(MQ, BLOCK_P), tl.cdiv(CIN_G, BLOCK_C),
+                                GROUP_M)
+
+    # positions of this phase: ih = qh·SH + ph, iw = qw·SW + pw, flattened over (n, qh, qw)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    qw = offs_p % QW
+    rest = offs_p // QW
+    qh = rest % QH
+    n = (rest // QH).to(tl.int64)  # int64: n·stride_n may pass 2³¹
+    ih = qh * SH + ph
+    iw = qw * SW + pw
+    mask_p = (offs_p < MQ) & (ih < H) & (iw < W)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CIN_G
+    chan_in = grp * CIN_G + offs_c
+
+    # the taps this phase reads, as two arithmetic progressions
+    rh = ph + PAD_H
+    rw = pw + PAD_W
+    kh0, step_h, count_h = _first_tap(rh, SH, DIL_H, GCD_H, INV_H, KH)
+    kw0, step_w, count_w = _first_tap(rw, SW, DIL_W, GCD_W, INV_W, KW)
+    k_blocks = tl.cdiv(COUT_G, BLOCK_K)
+    total = count_h * count_w * k_blocks
+
+    g_rows = g_ptr + n * stride_gn
+    z_rows = z_ptr + n * stride_zn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in range(0, total):
+        kb = t % k_blocks
+        tap = t // k_blocks
+        kh = kh0 + (tap // count_w) * step_h
+        kw = kw0 + (tap % count_w) * step_w
+        # exact divisions: the phase was chosen so that SH | (rh − kh·DIL_H)
+        oh = qh + (rh - kh * DIL_H) // SH
+        ow = qw + (rw - kw * DIL_W) // SW
+        ok_p = mask_p & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < COUT_G
+        chan_out = grp * COUT_G + offs_k
+        mask_pk = ok_p[:, None] & mask_k[None, :]
+        g = tl.load(g_rows[:, None] + chan_out[None, :] * stride_gc
+                    + (oh * stride_gh + ow * stride_gw)[:, None],
+                    mask=mask_pk, other=0.0).to(tl.float32)
+        if HAS_Z:
+            # other=1: padded lanes divide 0 by 1, never by 0.
+            z = tl.load(z_rows[:, None] + chan_out[None, :] * stride_zc
+                        + (oh * stride_zh + ow * stride_zw)[:, None],
+                        mask=mask_pk, other=1.0)
+            g = divide_by_stabilized(g, z, eps, HAS_EPS)
+        w = tl.load(w_ptr + chan_out[:, None] * stride_wo + offs_c[None, :] * stride_wi
+                    + kh * stride_wh + kw * stride_ww,
+                    mask=mask_k[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+
+    mask = mask_p[:, None] & mask_c[None, :]
+    if HAS_A:
+        a = tl.load(a_ptr + n[:, None] * stride_an + chan_in[None, :] * stride_ac
+                    + (ih * stride_ah + iw * stride_aw)[:, None], mask=mask, other=0.0)
+        acc = acc * a.to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + n, mask=mask_p, other=0.0)
+        acc = acc * s[:, None]
+    if COMPUTE_L1:
+        # where, not the masks' zeros: an inf·0 in a padded lane would be NaN.
+        row_l1 = tl.sum(tl.where(mask, tl.abs(acc), 0.0), axis=1)
+        add_l1(l1_ptr, n, row_l1, mask_p)
+    tl.store(out_ptr + n[:, None] * stride_on + chan_in[None, :] * stride_oc
+             + (ih * stride_oh + iw * stride_ow)[:, None], acc, mask=mask)
+
+
+def _configs():
+    # Hopper: fp32 operands (tf32x3). BLOCK_K 32 suits C_out/G of 64 and up; the 16-wide
+    # channel tiles serve the first layer (C_in = 3) and narrow groups.
+    shapes = [(128, 64, 32, 4, 4), (128, 128, 32, 3, 8), (64, 64, 32, 4, 4),
+              (128, 32, 32, 4, 4), (64, 128, 32, 4, 4), (256, 64, 32, 3, 8),
+              (128, 16, 32, 4, 4), (64, 32, 16, 4, 4)]
+    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c, "BLOCK_K": k, "GROUP_M": 8},
+                          num_stages=s, num_warps=w) for p, c, k, s, w in shapes]
+
+
+_INTERPRET_META = {"BLOCK_P": 128, "BLOCK_C": 64, "BLOCK_K": 64, "GROUP_M": 8}
+_launch, _launch_meta = autotune_or_fixed(
+    _conv_relevance_kernel, _configs(),
+    key=["MQ", "CIN_G", "COUT_G", "KH", "KW", "SH", "SW", "HAS_Z", "HAS_EPS", "HAS_A",
+         "HAS_SCALE", "COMPUTE_L1"],
+    interpret_meta=_INTERPRET_META, reset_to_zero=["l1_ptr"])
+
+
+def _tap_progression(stride: int, dilation: int) -> tuple[int, int]:
+    """``(gcd(d, s), inverse of d/gcd modulo s/gcd)`` for :func:`_first_tap`."""
+    gcd = math.gcd(dilation, stride)
+    modulus = stride // gcd
+    return gcd, (pow(dilation // gcd, -1, modulus) if modulus > 1 else 0)
+
+
+def _as_2d(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A Conv1d tensor ``[N, C, L]`` as a height-1 image (a view)."""
+    return None if t is None else t.unsqueeze(2)
+
+
+def conv_relevance(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size,
+                   stride, padding, dilation, groups: int, a: torch.Tensor | None = None,
+                   *, z: torch.Tensor | None = None, eps: float = 0.0,
+                   scale: torch.Tensor | None = None, compute_l1: bool = True,
+                   out: torch.Tensor | None = None, config: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(R̃, ‖R̃‖₁ per sample or None)`` for a Conv1d/Conv2d, in one launch.
+
+    Args:
+        g: relevance at the output ``[N, C_out, (OH,) OW]`` float32, any strides.
+        weight: ``[C_out, C_in/groups, (KH,) KW]``.
+        input_shape: ``[N, C_in, (H,) W]``, the shape of ``R̃`` (a strided convolution maps
+            several input sizes to one output size).
+        stride, padding, dilation: per spatial dim (sequences of 1 or 2 ints).
+        a: the layer's input (float32/bfloat16/float16, any strides) or None (no factor).
+        z, eps, scale, compute_l1, out, config: as in :func:`linear_relevance`.
+
+    Returns ``R̃`` float32 ``input_shape`` (channels-last when ``a`` is) and the L1 norms.
+    """
+    dims = weight.dim() - 2
+    if dims not in (1, 2):
+        raise NotImplementedError(f"conv_relevance handles Conv1d/Conv2d, not {dims}-d")
+    n, c_in = input_shape[0], input_shape[1]
+    if out is None:
+        fmt = (torch.channels_last if a is not None and dims == 2 and not a.is_contiguous()
+               and a.is_contiguous(memory_format=torch.channels_last)
+               else torch.contiguous_format)
+        out = torch.empty(input_shape, dtype=torch.float32, device=g.device,
+                          memory_format=fmt)
+    l1 = torch.zeros(n, dtype=torch.float32, device=g.device) if compute_l1 else None
+    if out.numel() == 0:
+        return out, l1
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    if dims == 1:
+        g, z, a, out4 = _as_2d(g), _as_2d(z), _as_2d(a), _as_2d(out)
+        weight = weight.unsqueeze(2)
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    else:
+        out4 = out
+    c_out, cin_g, kh, kw = weight.shape
+    # Memory order (KH, KW, C_out, C_in/G): a tap's [C_out, C_in] tile is then contiguous
+    # along C_in (the PyTorch order strides it by KH·KW). The kernel reads it via strides.
+    weight = weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    h, w_in = out4.shape[2], out4.shape[3]
+    oh, ow = g.shape[2], g.shape[3]
+    sh, sw = stride
+    qh, qw = triton.cdiv(h, sh), triton.cdiv(w_in, sw)
+    mq = n * qh * qw
+    gcd_h, inv_h = _tap_progression(sh, dilation[0])
+    gcd_w, inv_w = _tap_progression(sw, dilation[1])
+    if scale is not None:
+        scale = scale.to(torch.float32).contiguous()
+    dummy = g  # never read: its flag is off
+    # not ``dummy``: the autotuner zeroes l1_ptr before each trial run
+    l1_arg = l1 if l1 is not None else torch.zeros(1, dtype=torch.float32, device=g.device)
+    launch, meta = (_launch, _launch_meta) if config is None else (
+        _conv_relevance_kernel, dict(_INTERPRET_META, **config))
+    grid = lambda META: (triton.cdiv(mq, META["BLOCK_P"])  # noqa: E731
+                         * triton.cdiv(cin_g, META["BLOCK_C"]), sh * sw * groups)
+    launch[grid](
+        g, z if z is not None else dummy, weight, a if a is not None else dummy,
+        scale if scale is not None else dummy, out4, l1_arg,
+        groups, cin_g, c_out // groups, h, w_in, oh, ow, kh, kw, qh, qw, mq,
+        sh, sw, padding[0], padding[1], dilation[0], dilation[1], gcd_h, inv_h, gcd_w, inv_w,
+        *g.stride(), *(z.stride() if z is not None else (0, 0, 0, 0)), *weight.stride(),
+        *(a.stride() if a is not None else (0, 0, 0, 0)), *out4.stride(),
+        float(eps),
+        HAS_Z=z is not None, HAS_EPS=eps != 0, HAS_A=a is not None,
+        HAS_SCALE=scale is not None, COMPUTE_L1=compute_l1, PRECISION=DOT_PRECISION,
+        **meta)
+    return out, l1

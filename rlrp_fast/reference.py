@@ -1,0 +1,725 @@
+"""The float64 reference: ``RLRP_SPEC.md`` written out term by term, for tests.
+
+This is not a backend. It exists so that a reader can hold it next to the spec, line by line,
+and so that the fast paths have something independent to be compared with. It shares nothing
+with them but the :class:`~rlrp_fast.plan.Plan` (its structure and each step's raw fields):
+it does not import ``rules.py``, ``engine.py`` or the backends, and it calls no convolution,
+transposed convolution or pooling routine of PyTorch (except a max-pool step's own ``fn``,
+asked only which element won each window).
+
+How it works. Every linear op of the plan — ``Affine`` (Linear/ConvNd), ``Pool`` (average
+pools, adaptive average pools, means), ``Scale`` (a lone BatchNorm) and ``Add`` (a residual
+sum, the linear map with unit weights) — is written as an explicit dense matrix acting on one
+sample's flattened input::
+
+    z[n, j] = Σ_i M[j, i] · a[n, i] + b[j]          (j: output element, i: input element)
+
+For a convolution ``M`` is built from the patches: for each output position and each kernel
+offset, the input index it reads (zero padding, stride, dilation and groups by index
+arithmetic). For an ``Add`` the input is the concatenation of the operands and
+``M = [I I …]``. Every rule is then written in *contribution form*: a function returning the
+tensor ``c[n, j, i]`` (the relevance output ``j`` sends to input ``i``), and the relevance of
+the input is ``R̃_a[i] = Σ_j c[n, j, i]``. Routing ops (activations, max-pool, reshapes, cat)
+move relevance element by element. Everything is float64. Loops and dense matrices make it
+slow: it is meant for the tiny models of the tests.
+
+Rules (same names and meaning as ``rules.py``):
+
+- ``"rlrp"`` (option ``skip="linear" | "ratio"``): ``c_ij = a_i w_ji R_j``, then
+  ``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` per sample (0 when ``‖R̃_a‖₁ = 0``). With
+  ``skip="ratio"`` an ``Add`` uses ``c = (u / y) R_y`` (0 where ``y == 0``), not renormalised.
+- The classic rules as zennit 0.5.1 defines them, on every ``Affine``: ``"lrp0"``,
+  ``"epsilon"``, ``"zplus"``, ``"gamma"``, ``"alphabeta"``, ``"zbox"``, ``"flat"``,
+  ``"wsquare"``; ``Norm`` (``c_ij = a_i m_ji R_j / stab(z_j)``) on ``Pool``, ``Scale`` and
+  ``Add``; activations pass relevance through; max-pool gives it to the winner.
+- The composites ``"EpsilonPlus"`` (conv: z⁺, linear: ε), ``"EpsilonGammaBox"`` (first conv:
+  zB, other convs: γ, linear: ε) and ``"EpsilonPlusFlat"`` (first Affine of either kind: flat,
+  convs: z⁺, linear: ε). "First" is the first in the plan's (forward) order.
+
+zennit's stabiliser is ``stab(z) = z + ε·(sign(z) + (z == 0))``; ``ε = 0`` leaves ``z``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from .plan import Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale, SlotRef
+
+DTYPE = torch.float64
+
+# Each rule's options with zennit 0.5.1's defaults (restated here, not imported: the
+# reference shares no code with the fast path).
+RULE_OPTIONS: dict[str, dict[str, object]] = {
+    "rlrp": {"skip": "linear"},
+    "lrp0": {},
+    "epsilon": {"epsilon": 1e-6},
+    "zplus": {"stabilizer": 1e-6},
+    "gamma": {"gamma": 0.25, "stabilizer": 1e-6},
+    "alphabeta": {"alpha": 2.0, "beta": 1.0, "stabilizer": 1e-6},
+    "zbox": {"low": None, "high": None, "stabilizer": 1e-6},
+    "flat": {"stabilizer": 1e-6},
+    "wsquare": {"stabilizer": 1e-6},
+    "EpsilonPlus": {"epsilon": 1e-6, "stabilizer": 1e-6},
+    "EpsilonGammaBox": {"low": None, "high": None, "epsilon": 1e-6, "gamma": 0.25,
+                        "stabilizer": 1e-6},
+    "EpsilonPlusFlat": {"epsilon": 1e-6, "stabilizer": 1e-6},
+}
+_NORM_STABILIZER = 1e-6  # Norm's ε for rules without a "stabilizer" option (lrp0, epsilon)
+
+
+# =============================================================================================
+# Records a test can inspect (reference_explain(..., trace=True))
+# =============================================================================================
+@dataclass
+class LinearRecord:
+    """One linear op of the backward pass, every tensor flattened per sample (float64).
+
+    ``a`` (N, I) the op's input (an ``Add``'s operands concatenated), ``z`` (N, J) its output,
+    ``bias`` (J,) (zeros where the op has none), ``matrix`` (J, I) the ``M`` of
+    ``z = M a + b``, ``r_z`` (N, J) the relevance at the output, ``c`` (N, J, I) the
+    contributions, ``r_tilde`` (N, I) ``Σ_j c_ij``, ``r_a`` (N, I) the relevance passed on
+    (``r_tilde`` renormalised for R-LRP). ``formula`` names the rule applied
+    (``"rlrp"``, ``"ratio"``, ``"norm"``, ``"epsilon"``, ``"zplus"``, …)."""
+
+    step_index: int
+    name: str
+    kind: str
+    formula: str
+    a: torch.Tensor
+    z: torch.Tensor
+    bias: torch.Tensor
+    matrix: torch.Tensor
+    r_z: torch.Tensor
+    c: torch.Tensor
+    r_tilde: torch.Tensor
+    r_a: torch.Tensor
+
+
+@dataclass
+class RoutingRecord:
+    """One routing op (activation, max-pool, reshape, cat): ``r_z`` at its output and the
+    relevance ``r_a`` it passed to each of its inputs, in their shapes."""
+
+    step_index: int
+    name: str
+    kind: str
+    r_z: torch.Tensor
+    r_a: list[torch.Tensor]
+
+
+# =============================================================================================
+# Linear ops as explicit matrices
+# =============================================================================================
+@dataclass
+class _LinearOp:
+    """``z = M a + b`` for one sample, flattened. For an ``Affine``, ``index[j, i]`` is the
+    flat position in ``weight`` of the weight connecting input ``i`` to output ``j`` (−1: not
+    connected) and ``bias_index[j]`` the position in ``bias`` of output ``j``'s bias, so that
+    the matrix of any modified weight (w⁺, w², ones, …) is ``matrix_of(modified)``."""
+
+    matrix: torch.Tensor                 # (J, I)
+    bias: torch.Tensor                   # (J,)
+    out_shape: tuple[int, ...]           # non-batch shape of z
+    in_shapes: list[tuple[int, ...]]     # non-batch shape of each input
+    weight: torch.Tensor | None = None   # Affine: its raw weight (float64)
+    raw_bias: torch.Tensor | None = None  # Affine: its raw bias (float64) or None
+    index: torch.Tensor | None = None
+    bias_index: torch.Tensor | None = None
+
+    def matrix_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The matrix of the same connections carrying ``weight`` (shape of the raw weight)."""
+        values = weight.reshape(-1)[self.index.clamp(min=0)]
+        return torch.where(self.index >= 0, values, torch.zeros((), dtype=DTYPE))
+
+    def bias_of(self, bias: torch.Tensor | None) -> torch.Tensor:
+        """``bias`` (one entry per output channel/feature) expanded to every output element."""
+        if bias is None:
+            return torch.zeros(self.matrix.shape[0], dtype=DTYPE)
+        return bias[self.bias_index]
+
+
+def _ravel(coords: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """Row-major flat index of the multi-index ``coords`` in an array of ``shape``."""
+    flat = torch.zeros_like(coords[0])
+    for c, size in zip(coords, shape):
+        flat = flat * size + c
+    return flat
+
+
+@lru_cache(maxsize=512)
+def _conv_connections(weight_shape: tuple[int, ...], stride: tuple[int, ...],
+                      padding: tuple[int, ...], dilation: tuple[int, ...], groups: int,
+                      in_shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The patches of a ConvNd, as a connection table.
+
+    Returns ``(index, out_shape)``: ``index`` (J, I) long holds, for output element ``j``
+    (channel, position) and input element ``i`` (channel, position), the flat position in
+    the weight tensor of the weight joining them, or −1 when ``j`` does not read ``i``."""
+    c_out, c_in_group, *kernel = weight_shape
+    c_in, *size = in_shape
+    d = len(kernel)
+    out_size = [(size[k] + 2 * padding[k] - dilation[k] * (kernel[k] - 1) - 1) // stride[k] + 1
+                for k in range(d)]
+    out_per_group = c_out // groups
+    # One entry per (output channel, output position, input channel in its group, kernel offset).
+    grid = torch.meshgrid(torch.arange(c_out), *[torch.arange(o) for o in out_size],
+                          torch.arange(c_in_group), *[torch.arange(k) for k in kernel],
+                          indexing="ij")
+    co, o_pos, ci, k_off = grid[0], grid[1:1 + d], grid[1 + d], grid[2 + d:]
+    # The input position this kernel offset reads: o·stride − padding + k·dilation.
+    in_pos = [o_pos[k] * stride[k] - padding[k] + k_off[k] * dilation[k] for k in range(d)]
+    # Reads that land in the zero padding contribute nothing: no connection.
+    inside = torch.ones_like(co, dtype=torch.bool)
+    for k in range(d):
+        inside &= (in_pos[k] >= 0) & (in_pos[k] < size[k])
+    # Output channel co belongs to group co // out_per_group, which reads that group's inputs.
+    cin = (co // out_per_group) * c_in_group + ci
+    j = _ravel([co, *o_pos], [c_out, *out_size])[inside]
+    i = _ravel([cin, *in_pos], [c_in, *size])[inside]
+    w = _ravel([co, ci, *k_off], weight_shape)[inside]
+    index = torch.full((c_out * math.prod(out_size), c_in * math.prod(size)), -1,
+                       dtype=torch.long)
+    index[j, i] = w  # each (j, i) pair is met at most once: the offset is fixed by j and i
+    return index, (c_out, *out_size)
+
+
+@lru_cache(maxsize=512)
+def _dense_connections(weight_shape: tuple[int, int], in_shape: tuple[int, ...]
+                       ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``F.linear`` on an input of shape ``(*lead, in)``: output ``(t, o)`` reads inputs
+    ``(t, q)`` through ``weight[o, q]``. Same table format as :func:`_conv_connections`."""
+    out_f, in_f = weight_shape
+    lead = math.prod(in_shape[:-1])
+    t, o, q = torch.meshgrid(torch.arange(lead), torch.arange(out_f), torch.arange(in_f),
+                             indexing="ij")
+    index = torch.full((lead * out_f, lead * in_f), -1, dtype=torch.long)
+    index[(t * out_f + o).reshape(-1), (t * in_f + q).reshape(-1)] = (o * in_f + q).reshape(-1)
+    return index, (*in_shape[:-1], out_f)
+
+
+def _affine_op(step: Affine, in_shape: tuple[int, ...]) -> _LinearOp:
+    weight = step.weight.to(DTYPE)
+    bias = None if step.bias is None else step.bias.to(DTYPE)
+    if step.conv_dims:
+        index, out_shape = _conv_connections(tuple(weight.shape), tuple(step.stride),
+                                             tuple(step.padding), tuple(step.dilation),
+                                             step.groups, in_shape)
+        bias_index = torch.arange(out_shape[0]).repeat_interleave(math.prod(out_shape[1:]))
+    else:
+        index, out_shape = _dense_connections(tuple(weight.shape), in_shape)
+        bias_index = torch.arange(weight.shape[0]).repeat(math.prod(in_shape[:-1]))
+    op = _LinearOp(matrix=torch.empty(0), bias=torch.empty(0), out_shape=out_shape,
+                   in_shapes=[in_shape], weight=weight, raw_bias=bias, index=index,
+                   bias_index=bias_index)
+    op.matrix = op.matrix_of(weight)
+    op.bias = op.bias_of(bias)
+    return op
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _avg_pool_axis(length: int, k: int, s: int, p: int, ceil_mode: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One axis of an average pool: ``member`` (O, L) 1 where output ``o``'s window covers
+    input ``l``; ``with_pad`` (O,) the window's length counting the zero padding (clipped
+    to ``length + p`` as PyTorch does); ``inside`` (O,) its length without padding."""
+    out = (length + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= length + p:
+        out -= 1  # PyTorch: the last window must start inside the input or left padding
+    member = torch.zeros(out, length, dtype=DTYPE)
+    with_pad = torch.zeros(out, dtype=DTYPE)
+    inside = torch.zeros(out, dtype=DTYPE)
+    for o in range(out):
+        start = o * s - p
+        end = min(start + k, length + p)
+        with_pad[o] = end - start
+        start, end = max(start, 0), min(end, length)
+        member[o, start:end] = 1.0
+        inside[o] = end - start
+    return member, with_pad, inside
+
+
+def _adaptive_axis(length: int, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of an adaptive average pool: window ``o`` is
+    ``[floor(o·L/O), ceil((o+1)·L/O))``. Returns ``member`` (O, L) and its lengths (O,)."""
+    member = torch.zeros(out, length, dtype=DTYPE)
+    for o in range(out):
+        start = (o * length) // out
+        end = -((-(o + 1) * length) // out)
+        member[o, start:end] = 1.0
+    return member, member.sum(1)
+
+
+def _kron_all(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = mats[0]
+    for m in mats[1:]:
+        out = torch.kron(out, m)
+    return out
+
+
+def _outer_all(vecs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row-major product of per-axis vectors: ``out[(o1, o2, …)] = v1[o1]·v2[o2]·…``."""
+    out = vecs[0]
+    for v in vecs[1:]:
+        out = (out[:, None] * v[None, :]).reshape(-1)
+    return out
+
+
+def _pool_op(step: Pool, in_shape: tuple[int, ...]) -> _LinearOp:
+    """Average pools and means as the explicit averaging matrix (no bias)."""
+    p = step.params
+    if step.kind == "mean":
+        return _mean_op(p["dims"], p["keepdim"], in_shape)
+    channels, *size = in_shape
+    n = step.dims
+    if step.kind == "adaptive_avg":
+        out_size = _tuple(p["output_size"], n)
+        axes = [_adaptive_axis(size[k], size[k] if out_size[k] is None else out_size[k])
+                for k in range(n)]
+        member = _kron_all([m for m, _ in axes])
+        divisor = _outer_all([count for _, count in axes])
+    else:
+        kernel = _tuple(p["kernel_size"], n)
+        stride = _tuple(p["stride"], n) if p["stride"] not in (None, (), []) else kernel
+        padding = _tuple(p["padding"], n)
+        axes = [_avg_pool_axis(size[k], kernel[k], stride[k], padding[k], p["ceil_mode"])
+                for k in range(n)]
+        member = _kron_all([m for m, _, _ in axes])
+        if p.get("divisor_override"):
+            divisor = torch.full((member.shape[0],), float(p["divisor_override"]), dtype=DTYPE)
+        elif p["count_include_pad"]:
+            divisor = _outer_all([w for _, w, _ in axes])
+        else:
+            divisor = _outer_all([i for _, _, i in axes])
+    spatial = member / divisor[:, None]
+    matrix = torch.kron(torch.eye(channels, dtype=DTYPE), spatial)  # channels never mix
+    out_shape = (channels, *[m.shape[0] for m, *_ in axes])
+    return _LinearOp(matrix=matrix, bias=torch.zeros(matrix.shape[0], dtype=DTYPE),
+                     out_shape=out_shape, in_shapes=[in_shape])
+
+
+def _mean_op(dims: Sequence[int], keepdim: bool, in_shape: tuple[int, ...]) -> _LinearOp:
+    full = len(in_shape) + 1  # dims count the batch dim
+    reduced = sorted(d % full - 1 for d in dims)  # as non-batch dims
+    if any(d < 0 for d in reduced):
+        raise ValueError("a mean over the batch dimension mixes samples")
+    kept_shape = tuple(1 if k in reduced else s for k, s in enumerate(in_shape))
+    count = math.prod(in_shape[k] for k in reduced)
+    # Each input element goes to the output element with its reduced coordinates dropped.
+    target = torch.arange(math.prod(kept_shape)).view(kept_shape).expand(in_shape).reshape(-1)
+    matrix = torch.zeros(math.prod(kept_shape), math.prod(in_shape), dtype=DTYPE)
+    matrix[target, torch.arange(matrix.shape[1])] = 1.0 / count
+    out_shape = kept_shape if keepdim else tuple(
+        s for k, s in enumerate(in_shape) if k not in reduced)
+    return _LinearOp(matrix=matrix, bias=torch.zeros(matrix.shape[0], dtype=DTYPE),
+                     out_shape=out_shape, in_shapes=[in_shape])
+
+
+def _scale_op(step: Scale, in_shape: tuple[int, ...]) -> _LinearOp:
+    """A lone BatchNorm: the diagonal map ``z = s·a + t`` with per-channel ``s``, ``t``."""
+    per_channel = math.prod(in_shape[1:])
+    s = step.scale.to(DTYPE).repeat_interleave(per_channel)
+    t = step.shift.to(DTYPE).repeat_interleave(per_channel)
+    return _LinearOp(matrix=torch.diag(s), bias=t, out_shape=in_shape, in_shapes=[in_shape])
+
+
+def _add_op(shapes: list[tuple[int, ...]]) -> _LinearOp:
+    """``y = u + v + …`` as the linear map with unit weights on the concatenated operands."""
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"the reference does not broadcast in adds: operand shapes {shapes}")
+    size = math.prod(shapes[0])
+    matrix = torch.cat([torch.eye(size, dtype=DTYPE)] * len(shapes), dim=1)
+    return _LinearOp(matrix=matrix, bias=torch.zeros(size, dtype=DTYPE), out_shape=shapes[0],
+                     in_shapes=list(shapes))
+
+
+# =============================================================================================
+# Forward pass
+# =============================================================================================
+def _resolve(obj, values: list):
+    """Replace slot references in a step's arguments by the slots' values."""
+    if isinstance(obj, SlotRef):
+        return values[obj.slot]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_resolve(o, values) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _resolve(v, values) for k, v in obj.items()}
+    return obj
+
+
+def _apply(op: _LinearOp, a_flat: torch.Tensor) -> torch.Tensor:
+    """``z[n, j] = Σ_i M[j, i]·a[n, i] + b[j]`` by an explicit broadcast and sum."""
+    return (op.matrix[None, :, :] * a_flat[:, None, :]).sum(dim=2) + op.bias[None, :]
+
+
+@dataclass
+class _Forward:
+    values: list                          # slot → value
+    ops: dict[int, _LinearOp]             # step index → linear op
+    linear_inputs: dict[int, torch.Tensor]  # step index → a (N, I)
+    linear_outputs: dict[int, torch.Tensor]  # step index → z (N, J)
+    pool_indices: dict[int, torch.Tensor]  # step index → max-pool winners
+
+
+def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
+    values: list = [None] * plan.num_slots
+    values[plan.input_slot] = x.to(DTYPE)
+    fw = _Forward(values, {}, {}, {}, {})
+    for k, step in enumerate(plan.steps):
+        args = [values[s] for s in step.inputs]
+        if isinstance(step, (Affine, Pool, Scale, Add)):
+            n = args[0].shape[0]
+            shapes = [tuple(a.shape[1:]) for a in args]
+            if isinstance(step, Affine):
+                op = _affine_op(step, shapes[0])
+            elif isinstance(step, Pool):
+                op = _pool_op(step, shapes[0])
+            elif isinstance(step, Scale):
+                op = _scale_op(step, shapes[0])
+            else:
+                op = _add_op(shapes)
+            a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
+            z_flat = _apply(op, a_flat)
+            fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k] = op, a_flat, z_flat
+            out = z_flat.view(n, *op.out_shape)
+        elif isinstance(step, Activation):
+            out = step.fn(args[0])
+        elif isinstance(step, MaxPool):
+            # step.fn only tells which element won each window; the value is read from a.
+            _, winners = step.fn(args[0])
+            a = args[0]
+            out = a.flatten(2).gather(2, winners.flatten(2)).view(winners.shape)
+            fw.pool_indices[k] = winners
+        elif isinstance(step, Reshape):
+            out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
+        elif isinstance(step, Cat):
+            out = torch.cat(args, dim=step.dim)
+        elif isinstance(step, Meta):
+            out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
+        else:
+            raise NotImplementedError(f"the reference has no forward for {type(step).__name__}")
+        values[step.output] = out
+    return fw
+
+
+def reference_forward(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """The plan's output for ``x``, computed in float64 by the reference's own forward."""
+    with torch.no_grad():
+        return _forward(plan, x).values[plan.output_slot]
+
+
+# =============================================================================================
+# Rules in contribution form: each returns c (N, J, I)
+# =============================================================================================
+def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """zennit's stabiliser ``z + ε·(sign(z) + (z == 0))``."""
+    return z + eps * (z.sign() + (z == 0).to(DTYPE))
+
+
+def _pos(t):
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t):
+    return None if t is None else t.clamp(max=0)
+
+
+def _c_rlrp(op, a, z, r, **_):
+    """``c_ij = a_i · w_ji · R_j`` (no division)."""
+    return a[:, None, :] * op.matrix[None] * r[:, :, None]
+
+
+def _c_ratio(op, a, z, r, **_):
+    """``skip="ratio"`` at an add: ``c_ij = a_i · m_ji · R_j / y_j``, 0 where ``y_j == 0``."""
+    share = torch.where(z != 0, r / torch.where(z != 0, z, torch.ones_like(z)),
+                        torch.zeros_like(z))
+    return a[:, None, :] * op.matrix[None] * share[:, :, None]
+
+
+def _c_epsilon(op, a, z, r, eps, **_):
+    """LRP-ε (LRP-0 for ε = 0) and zennit's Norm: ``c_ij = a_i w_ji R_j / stab(z_j)``."""
+    return a[:, None, :] * op.matrix[None] * (r / _stab(z, eps))[:, :, None]
+
+
+def _two_sign_group(op, a, w_for_pos, b, w_for_neg):
+    """``p_ij = a_i⁺ v_ji + a_i⁻ u_ji`` and ``z_j = Σ_i p_ij + b_j`` for one group of the
+    z⁺/αβ/γ family (``v`` the weight applied to positive inputs, ``u`` to negative ones)."""
+    p = (a.clamp(min=0)[:, None, :] * op.matrix_of(w_for_pos)[None]
+         + a.clamp(max=0)[:, None, :] * op.matrix_of(w_for_neg)[None])
+    return p, p.sum(dim=2) + op.bias_of(b)[None]
+
+
+def _c_zplus(op, a, z, r, stabilizer, **_):
+    """z⁺: ``c_ij = (a_i⁺ w_ji⁺ + a_i⁻ w_ji⁻) R_j / stab(Σ_i (…) + b_j⁺)``."""
+    w, b = op.weight, op.raw_bias
+    p, zp = _two_sign_group(op, a, _pos(w), _pos(b), _neg(w))
+    return p * (r / _stab(zp, stabilizer))[:, :, None]
+
+
+def _c_alphabeta(op, a, z, r, alpha, beta, stabilizer, **_):
+    """αβ: ``c_ij = α p_ij R_j / stab(z⁺_j) − β q_ij R_j / stab(z⁻_j)`` with
+    ``p = a⁺w⁺ + a⁻w⁻`` (bias b⁺) and ``q = a⁺w⁻ + a⁻w⁺`` (bias b⁻)."""
+    w, b = op.weight, op.raw_bias
+    p, zp = _two_sign_group(op, a, _pos(w), _pos(b), _neg(w))
+    q, zq = _two_sign_group(op, a, _neg(w), _neg(b), _pos(w))
+    return (alpha * p * (r / _stab(zp, stabilizer))[:, :, None]
+            - beta * q * (r / _stab(zq, stabilizer))[:, :, None])
+
+
+def _c_gamma(op, a, z, r, gamma, stabilizer, **_):
+    """γ (zennit's generalised form), with ``w↑ = w + γw⁺``, ``w↓ = w + γw⁻`` (same for b):
+    outputs with ``z_j > 0`` use ``p = a⁺w↑ + a⁻w↓`` (bias b↑), outputs with ``z_j < 0`` use
+    ``q = a⁺w↓ + a⁻w↑`` (bias b↓); ``c_ij = p_ij R_j / stab(z↑_j)`` resp. with q."""
+    w, b = op.weight, op.raw_bias
+    w_up, w_down = w + gamma * _pos(w), w + gamma * _neg(w)
+    b_up = None if b is None else b + gamma * _pos(b)
+    b_down = None if b is None else b + gamma * _neg(b)
+    p, zp = _two_sign_group(op, a, w_up, b_up, w_down)
+    q, zq = _two_sign_group(op, a, w_down, b_down, w_up)
+    up = (z > 0).to(DTYPE) * r / _stab(zp, stabilizer)
+    down = (z < 0).to(DTYPE) * r / _stab(zq, stabilizer)
+    return p * up[:, :, None] + q * down[:, :, None]
+
+
+def _c_zbox(op, a, z, r, low, high, stabilizer, **_):
+    """zB: ``c_ij = (a_i w_ji − l_i w_ji⁺ − h_i w_ji⁻) R_j / stab(zB_j)`` with
+    ``zB_j = (Σ_i a_i w_ji + b_j) − (Σ_i l_i w_ji⁺ + b_j⁺) − (Σ_i h_i w_ji⁻ + b_j⁻)``."""
+    w, b = op.weight, op.raw_bias
+    m, m_pos, m_neg = op.matrix, op.matrix_of(_pos(w)), op.matrix_of(_neg(w))
+    terms = (a[:, None, :] * m[None] - low[:, None, :] * m_pos[None]
+             - high[:, None, :] * m_neg[None])
+    zb = ((a[:, None, :] * m[None]).sum(2) + op.bias_of(b)
+          - ((low[:, None, :] * m_pos[None]).sum(2) + op.bias_of(_pos(b)))
+          - ((high[:, None, :] * m_neg[None]).sum(2) + op.bias_of(_neg(b))))
+    return terms * (r / _stab(zb, stabilizer))[:, :, None]
+
+
+def _c_flat(op, a, z, r, stabilizer, **_):
+    """flat: every connection weighs 1, the input is 1, no bias:
+    ``c_ij = 1[j reads i] R_j / stab(#inputs j reads)``."""
+    ones = op.matrix_of(torch.ones_like(op.weight))
+    return ones[None] * (r / _stab(ones.sum(1)[None], stabilizer))[:, :, None]
+
+
+def _c_wsquare(op, a, z, r, stabilizer, **_):
+    """w²: ``c_ij = w_ji² R_j / stab(Σ_i w_ji² + b_j²)`` (the input is replaced by 1)."""
+    sq = op.matrix_of(op.weight ** 2)
+    b_sq = None if op.raw_bias is None else op.raw_bias ** 2
+    zw = sq.sum(1) + op.bias_of(b_sq)
+    return sq[None] * (r / _stab(zw[None], stabilizer))[:, :, None]
+
+
+_CONTRIBUTIONS = {"rlrp": _c_rlrp, "ratio": _c_ratio, "norm": _c_epsilon, "lrp0": _c_epsilon,
+                  "epsilon": _c_epsilon, "zplus": _c_zplus, "alphabeta": _c_alphabeta,
+                  "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare}
+
+
+def contributions(formula: str, op: _LinearOp, a: torch.Tensor, z: torch.Tensor,
+                  r: torch.Tensor, **params) -> torch.Tensor:
+    """``c[n, j, i]`` of ``formula`` for the linear op ``op`` with input ``a`` (N, I), output
+    ``z`` (N, J) and relevance ``r`` (N, J) at its output."""
+    return _CONTRIBUTIONS[formula](op, a, z, r, **params)
+
+
+# =============================================================================================
+# Which formula each step gets
+# =============================================================================================
+def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict]]:
+    """Step index → (formula, its parameters) for every linear step (Affine/Pool/Scale/Add)."""
+    out: dict[int, tuple[str, dict]] = {}
+    stab = float(options.get("stabilizer", _NORM_STABILIZER))
+    first_any = next((k for k, s in enumerate(plan.steps) if isinstance(s, Affine)), None)
+    first_conv = next((k for k, s in enumerate(plan.steps)
+                       if isinstance(s, Affine) and s.conv_dims), None)
+    for k, step in enumerate(plan.steps):
+        if not isinstance(step, (Affine, Pool, Scale, Add)):
+            continue
+        if rule == "rlrp":
+            ratio = isinstance(step, Add) and options["skip"] == "ratio"
+            out[k] = ("ratio", {}) if ratio else ("rlrp", {})
+            continue
+        if not isinstance(step, Affine):
+            out[k] = ("norm", {"eps": stab})
+            continue
+        name = rule
+        if rule == "EpsilonPlus":
+            name = "zplus" if step.conv_dims else "epsilon"
+        elif rule == "EpsilonGammaBox":
+            name = "zbox" if k == first_conv else ("gamma" if step.conv_dims else "epsilon")
+        elif rule == "EpsilonPlusFlat":
+            name = "flat" if k == first_any else ("zplus" if step.conv_dims else "epsilon")
+        params = {
+            "lrp0": {"eps": 0.0},
+            "epsilon": {"eps": float(options.get("epsilon", 1e-6))},
+            "zplus": {"stabilizer": stab},
+            "alphabeta": {"alpha": float(options.get("alpha", 2.0)),
+                          "beta": float(options.get("beta", 1.0)), "stabilizer": stab},
+            "gamma": {"gamma": float(options.get("gamma", 0.25)), "stabilizer": stab},
+            "zbox": {"low": options.get("low"), "high": options.get("high"),
+                     "stabilizer": stab},
+            "flat": {"stabilizer": stab},
+            "wsquare": {"stabilizer": stab},
+        }[name]
+        out[k] = (name, params)
+    return out
+
+
+def _bound(value, a: torch.Tensor) -> torch.Tensor:
+    """zB's ``low``/``high`` as a full (N, I) tensor: a scalar, or a tensor broadcastable to
+    the input's shape *with* its batch dimension (zennit's convention, e.g. ``(1, C, 1, 1)``)."""
+    t = torch.as_tensor(value, dtype=DTYPE)
+    if t.dim() not in (0, a.dim()):
+        raise ValueError(f"low/high of shape {tuple(t.shape)} do not broadcast to the input "
+                         f"{tuple(a.shape)}: pass a scalar or a tensor like (1, C, 1, ...)")
+    return t.expand(a.shape).reshape(a.shape[0], -1)
+
+
+# =============================================================================================
+# The relevance pass
+# =============================================================================================
+def _l1(t: torch.Tensor) -> torch.Tensor:
+    """``‖t‖₁`` per sample, shape (N,)."""
+    return t.abs().reshape(t.shape[0], -1).sum(dim=1)
+
+
+def _renormalise(r_tilde: torch.Tensor, r_z: torch.Tensor) -> torch.Tensor:
+    """``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` per sample; 0 where ``‖R̃_a‖₁ = 0``."""
+    num, den = _l1(r_z), _l1(r_tilde)
+    factor = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                         torch.zeros_like(den))
+    return r_tilde * factor[:, None]
+
+
+def _route_by_index(fn, shapes: list[tuple[int, ...]], r_z: torch.Tensor) -> list[torch.Tensor]:
+    """Relevance through an element-preserving op: run the op on the *positions* of the
+    input elements (an integer tensor), which says where each input element went, and
+    send each output element's relevance back to the input element it came from."""
+    sizes = [math.prod(s) for s in shapes]
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    positions = fn([torch.arange(o, o + n).view(s) for o, n, s in zip(offsets, sizes, shapes)])
+    r_all = torch.zeros(sum(sizes), dtype=DTYPE)
+    r_all.index_add_(0, positions.reshape(-1), r_z.reshape(-1).to(DTYPE))
+    return [r_all[o:o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]
+
+
+def reference_explain(plan: Plan, x: torch.Tensor, rule: str = "rlrp",
+                      target: int | torch.Tensor | None = None,
+                      output_relevance: torch.Tensor | None = None, trace: bool = False,
+                      **options):
+    """Explain ``x`` with the plan's model, in float64, term by term.
+
+    Args:
+        plan: from :func:`rlrp_fast.capture.capture`.
+        x: input batch ``(N, ...)``; converted to float64.
+        rule: see the module docstring (``"rlrp"``, a classic rule or a composite).
+        target: class per sample (None: arg-max of the logits; int; or (N,) tensor).
+        output_relevance: instead of ``target``, the relevance at the logits ``(N, classes)``.
+        trace: also return the records of every linear and routing op (backward order).
+        **options: the rule's options (``skip``, ``epsilon``, ``gamma``, ``alpha``, ``beta``,
+            ``stabilizer``, ``low``, ``high``), zennit's defaults otherwise.
+
+    Returns:
+        ``(relevance, logits)``: relevance float64 of ``x``'s shape, logits float64
+        ``(N, classes)``; ``(relevance, logits, records)`` when ``trace``.
+    """
+    if rule not in RULE_OPTIONS:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(RULE_OPTIONS)}")
+    unknown = set(options) - set(RULE_OPTIONS[rule])
+    if unknown:
+        raise TypeError(f"rule {rule!r} takes no option(s) {sorted(unknown)}")
+    options = {**RULE_OPTIONS[rule], **options}
+    if "low" in options and (options["low"] is None or options["high"] is None):
+        raise ValueError(f"rule {rule!r} needs low=... and high=... (the input's bounds)")
+    if rule == "rlrp" and options["skip"] not in ("linear", "ratio"):
+        raise ValueError(f"skip must be 'linear' or 'ratio', got {options['skip']!r}")
+    with torch.no_grad():
+        return _explain(plan, x, rule, target, output_relevance, trace, options)
+
+
+def _explain(plan, x, rule, target, output_relevance, trace, options):
+    fw = _forward(plan, x)
+    logits = fw.values[plan.output_slot]
+    n = logits.shape[0]
+
+    # Output relevance: the target's logit, 0 for every other class (or the caller's).
+    if output_relevance is not None:
+        r_out = output_relevance.to(DTYPE).clone()
+    else:
+        if target is None:
+            target = logits.argmax(dim=1)
+        target = torch.as_tensor(target).long().expand(n)
+        r_out = torch.zeros_like(logits)
+        for s in range(n):
+            r_out[s, target[s]] = logits[s, target[s]]
+
+    formulas = _formulas(plan, rule, options)
+    records: list = []
+    rel: list = [None] * plan.num_slots
+    rel[plan.output_slot] = r_out
+    for k in range(len(plan.steps) - 1, -1, -1):
+        step = plan.steps[k]
+        r_z = rel[step.output]
+        if r_z is None or isinstance(step, Meta):
+            continue
+        inputs = [fw.values[s] for s in step.inputs]
+        if k in formulas:
+            parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
+        else:
+            parts = _route_backward(step, r_z, inputs, fw.pool_indices.get(k), fw.values)
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        for slot, part in zip(step.inputs, parts):
+            rel[slot] = part if rel[slot] is None else rel[slot] + part  # fork: sum
+    relevance = rel[plan.input_slot]
+    if relevance is None:
+        raise ValueError("the model's output does not depend on its input")
+    return (relevance, logits, records) if trace else (relevance, logits)
+
+
+def _linear_backward(k, step, fw, r_z, formula_params, records, inputs):
+    formula, params = formula_params
+    op, a, z = fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k]
+    n = a.shape[0]
+    r = r_z.reshape(n, -1)
+    if formula == "zbox":
+        params = {**params, "low": _bound(params["low"], inputs[0]),
+                  "high": _bound(params["high"], inputs[0])}
+    c = contributions(formula, op, a, z, r, **params)
+    r_tilde = c.sum(dim=1)                       # R̃_a[i] = Σ_j c_ij
+    r_a = _renormalise(r_tilde, r) if formula == "rlrp" else r_tilde
+    records.append(LinearRecord(k, step.name, type(step).__name__, formula, a, z, op.bias,
+                                op.matrix, r, c, r_tilde, r_a))
+    sizes = [math.prod(s) for s in op.in_shapes]
+    return [part.view(n, *s) for part, s in zip(r_a.split(sizes, dim=1), op.in_shapes)]
+
+
+def _route_backward(step, r_z, inputs, winners, values) -> list[torch.Tensor]:
+    """Activations pass relevance; max-pool gives each window's relevance to its winner;
+    reshapes and cat send each element's relevance back to where the element came from."""
+    if isinstance(step, Activation):
+        return [r_z]
+    if isinstance(step, MaxPool):
+        a = inputs[0]
+        n, ch = a.shape[:2]
+        r_a = torch.zeros(n, ch, math.prod(a.shape[2:]), dtype=DTYPE)
+        flat_winners, flat_r = winners.reshape(n, ch, -1), r_z.reshape(n, ch, -1)
+        for s in range(n):
+            for c in range(ch):
+                r_a[s, c].index_add_(0, flat_winners[s, c], flat_r[s, c])
+        return [r_a.view(a.shape)]
+    if isinstance(step, Reshape):
+        # Apply the same rearrangement to the element positions (shape arguments such as
+        # x.size(0) are read from the forward's slot values).
+        args, kwargs = _resolve(step.args, values), _resolve(step.kwargs, values)
+        return _route_by_index(lambda pos: step.fn(pos[0], *args, **kwargs),
+                               [tuple(inputs[0].shape)], r_z)
+    if isinstance(step, Cat):
+        return _route_by_index(lambda pos: torch.cat(pos, dim=step.dim),
+                               [tuple(a.shape) for a in inputs], r_z)
+    raise NotImplementedError(f"the reference has no relevance for {type(step).__name__}")
+
