@@ -79,8 +79,8 @@ class RlrpAffine:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        a = inputs[0].to(r.value.dtype)
-        r_tilde, l1 = backend.affine_contract_l1(step, self.weight, r.value, a, r.scale)
+        # ``a`` stays in the forward's dtype: backends upcast it on load (no fp32 copy)
+        r_tilde, l1 = backend.affine_contract_l1(step, self.weight, r.value, inputs[0], r.scale)
         return [Rel(r_tilde, safe_ratio(r.total_l1(), l1), l1)]
 
 
@@ -91,7 +91,7 @@ class RlrpFixedLinear:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        r_tilde = _fixed_linear_back(backend, step, r.value, inputs[0].to(r.value.dtype))
+        r_tilde = _fixed_linear_back(backend, step, r.value, inputs[0])
         l1 = l1_per_sample(r_tilde)
         return [Rel(r_tilde, safe_ratio(r.total_l1(), l1), l1)]
 
@@ -136,7 +136,7 @@ class Norm:
         g = r.value / stabilize(z.to(r.value.dtype), self.stabilizer)
         if isinstance(step, Add):
             return [Rel((u.to(g.dtype) * g).sum_to_size(u.shape), r.scale) for u in inputs]
-        return [Rel(_fixed_linear_back(backend, step, g, inputs[0].to(g.dtype)), r.scale)]
+        return [Rel(_fixed_linear_back(backend, step, g, inputs[0]), r.scale)]
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Epsilon:
     needs_output = True
 
     def __call__(self, backend, step, r, inputs, z):
-        a = inputs[0].to(r.value.dtype)
+        a = inputs[0]
         return [Rel(backend.affine_contract(step, self.weight, r.value, a.shape, a, z=z,
                                             eps=self.epsilon), r.scale)]
 
