@@ -8,9 +8,9 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q $(TORCH_PINS) ninja "setuptools>=64" wheel
 	# --no-build-isolation: compile against the torch that will load the extension
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
