@@ -1,6 +1,7 @@
 """Capture: trace an ``nn.Module`` with ``torch.fx`` and canonicalise it into a :class:`Plan`.
 
-Runs once per explainer. BatchNorm is folded into a copy of the preceding Linear/Conv here;
+Runs once per explainer. BatchNorm is folded into a copy of the preceding Linear/Conv here
+(other weights are referenced, not copied: the explainer detects later changes);
 everything the plan cannot explain is refused here, naming the node and listing what is
 supported. The user's model is only read, never modified.
 """
@@ -236,12 +237,12 @@ class _Builder:
             raise _unsupported(node, name, "module called with more than one argument")
         src = self.tensor_slot(node, node.args[0])
         if kind is nn.Linear:
-            self.emit(node, Affine, (src,), weight=module.weight.detach().clone(),
-                      bias=None if module.bias is None else module.bias.detach().clone())
+            self.emit(node, Affine, (src,), weight=module.weight.detach(),
+                      bias=None if module.bias is None else module.bias.detach())
         elif kind in _CONVS:
             dims = _CONVS[kind]
-            self.emit(node, Affine, (src,), weight=module.weight.detach().clone(),
-                      bias=None if module.bias is None else module.bias.detach().clone(),
+            self.emit(node, Affine, (src,), weight=module.weight.detach(),
+                      bias=None if module.bias is None else module.bias.detach(),
                       conv_dims=dims, stride=_tuple(module.stride, dims),
                       padding=_conv_padding(node, module, dims),
                       dilation=_tuple(module.dilation, dims), groups=module.groups)

@@ -61,8 +61,9 @@ class Explainer:
         **options: the rule's options, e.g. ``skip="ratio"`` for ``rlrp``, ``epsilon=0.25``,
             ``gamma=0.25``, ``low=..., high=...`` for ``zbox``/``EpsilonGammaBox``.
 
-    The model's weights are snapshotted at construction: changing them afterwards raises an
-    error on the next call (build a new explainer). Safe to call from several threads.
+    The model's weights are read in place, not copied (BatchNorm-folded and rule-modified
+    weights excepted): changing them afterwards raises an error on the next call (build a new
+    explainer). Safe to call from several threads.
     """
 
     def __init__(self, model: nn.Module, rule: str = "rlrp", backend: str = "auto",

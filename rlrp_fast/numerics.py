@@ -20,7 +20,8 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """zennit's stabiliser: ``z + ε·(sign(z) + (z == 0))`` (``ε = 0`` leaves ``z`` alone)."""
     if eps == 0:
         return z
-    return z + eps * ((z == 0).to(z.dtype) + z.sign())
+    # sign(z) + (z == 0) is +1 for z >= 0 (including -0.0) and -1 below: three passes, not five
+    return torch.where(z >= 0, z.new_tensor(eps), z.new_tensor(-eps)).add_(z)
 
 
 def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -179,21 +179,24 @@ class TwoSignTerms:
     def __call__(self, backend, step, r, inputs, z):
         t = r.value
         a = inputs[0].to(t.dtype)
-        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-        has_neg = bool((a_neg != 0).any())  # ReLU inputs: the a⁻ half is all zeros
+        # after a ReLU the a⁻ half is all zeros: skip its copies, forwards and contractions
+        has_neg = bool((a < 0).any())
+        a_pos = a.clamp(min=0) if has_neg else a
+        a_neg = a.clamp(max=0) if has_neg else None
         out = None
         for w_for_pos, bias, w_for_neg, coef, mask_sign in self.groups:
             zk = backend.affine_forward(step, w_for_pos, bias, a_pos)
             if has_neg:
                 zk = zk + backend.affine_forward(step, w_for_neg, None, a_neg)
-            g = t / stabilize(zk, self.stabilizer)
-            if mask_sign:
-                g = g * ((z.to(t.dtype) * mask_sign) > 0)
-            term = backend.affine_contract(step, w_for_pos, g, a.shape, a_pos)
+            g = t * ((z.to(t.dtype) * mask_sign) > 0) if mask_sign else t
+            # the backend divides by stab(z_k) inside the contraction (no g/z tensor)
+            term = backend.affine_contract(step, w_for_pos, g, a.shape, a_pos, z=zk,
+                                           eps=self.stabilizer)
             if has_neg:
-                term = term + backend.affine_contract(step, w_for_neg, g, a.shape, a_neg)
-            term = term * coef if coef != 1 else term
-            out = term if out is None else out + term
+                term = term + backend.affine_contract(step, w_for_neg, g, a.shape, a_neg,
+                                                      z=zk, eps=self.stabilizer)
+            term = term.mul_(coef) if coef != 1 else term
+            out = term if out is None else out.add_(term)
         return [Rel(out, r.scale)]
 
 
