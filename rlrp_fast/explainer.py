@@ -23,8 +23,10 @@ class Explanation:
 
     Attributes:
         relevance: relevance per input element, shape of ``x``; float32 (float64 for
-            float64 inputs). For R-LRP each sample's ``‖relevance‖₁`` equals
-            ``‖output_relevance‖₁`` (``|logit|`` of the target by default).
+            float64 inputs). For R-LRP every op passes on ``‖R‖₁`` unchanged, so on a chain
+            each sample's ``‖relevance‖₁`` equals ``‖output_relevance‖₁`` (``|logit|`` of the
+            target by default); where a tensor forks (ResNets), relevance of opposite signs
+            arriving from the branches may cancel, and the total is at most that.
         logits: the model's output ``(N, classes)``, in ``x``'s dtype.
         targets: ``(N,)`` long, the class explained per sample (with a custom
             ``output_relevance``: the arg-max of ``|output_relevance|``).
