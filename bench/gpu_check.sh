@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One prepared command for a lent H100/H200 (Python 3.12, torch 2.11, Triton 3.6 preinstalled,
+# no network): CUDA correctness of the fused Triton path, then the benchmark table.
+# Budget: under 8 minutes. Usage, from the repository root:  bash bench/gpu_check.sh
+# Optional peers: put wheels in bench/wheels/ first (pip download zennit==0.5.1 --no-deps -d
+# bench/wheels) and carry that folder along; they are installed offline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+start=$SECONDS
+export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would default to the interpreter)
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
+
+# rlrp_fast without installing anything: a copy of the tree with kernels/ placed where the
+# package expects it (rlrp_fast.kernels); the C++ extension is not needed on CUDA.
+work=$(mktemp -d)
+tar --exclude=.git --exclude=.venv --exclude='*.so' -cf - . | tar -xf - -C "$work"
+cp -r kernels "$work/rlrp_fast/kernels"
+cd "$work"
+export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
+if ls bench/wheels/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-deps --no-index --target "$work/_peers" bench/wheels/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:$work/_peers" || echo "peer wheels: install failed"
+fi
+
+echo "== correctness on CUDA ($((SECONDS - start)) s)"
+RLRP_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest -q -x -p no:cacheprovider \
+  tests/test_triton_kernels.py tests/test_cuda_explainer.py 2>&1 | tail -20
+echo "correctness exit: ${PIPESTATUS[0]}"
+
+methods="forward gxi rlrp-torch rlrp-triton"
+$PY -c "import zennit" 2>/dev/null && methods="$methods zennit-EpsilonPlus"
+for dtype in float32 bfloat16; do
+  echo "== table, $dtype ($((SECONDS - start)) s)"
+  timeout 130 $PY -m bench --device cuda --dtype "$dtype" --models vgg16 resnet50 \
+    --batches 1 32 256 --methods $methods --reps 5 --budget 15 --check-size 64 \
+    --json "bench/results_cuda_$dtype.json" 2>&1 | tail -40
+done
+echo "== done in $((SECONDS - start)) s"
+if [ -n "${OUT:-}" ]; then cp bench/results_cuda_*.json "$OUT"/ 2>/dev/null || true; fi
