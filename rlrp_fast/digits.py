@@ -154,11 +154,21 @@ def train(
     test accuracy (98.9% with the shipped seed).
     """
     x_train, y_train, x_test, y_test = load_digits_split(seed=split_seed)
+    return fit(DigitsCNN, (x_train, y_train, x_test, y_test), epochs, seed, batch_size, lr)
+
+
+def fit(make_model, split, epochs: int, seed: int, batch_size: int, lr: float
+        ) -> tuple[nn.Module, float]:
+    """The shared recipe: build ``make_model()`` under ``seed`` and train it on
+    ``split = (x_train, y_train, x_test, y_test)`` with Adam and a one-cycle schedule,
+    single-threaded (bitwise reproducible on one machine). Returns ``(model in eval mode,
+    test accuracy in 0..1)``."""
+    x_train, y_train, x_test, y_test = split
     with _single_thread():
         # A private generator keeps the caller's global RNG stream untouched apart from init.
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        model = DigitsCNN()
+        model = make_model()
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=epochs * -(-len(x_train) // batch_size)

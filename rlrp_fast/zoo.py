@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .digits import NUM_CLASSES, _single_thread, evaluate_accuracy, load_digits_split
+from .digits import NUM_CLASSES, fit, load_digits_split
 
 __all__ = [
     "ARCHS",
@@ -187,27 +186,7 @@ def train(arch: str, seed: int = 0, epochs: int | None = None, lr: float | None 
     lr = default_lr if lr is None else lr
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    x_train, y_train, x_test, y_test = load_eval_split()
-    with _single_thread():
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        model = ARCHS[arch]()
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=epochs * -(-len(x_train) // batch_size))
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x_train), generator=gen)
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        model.eval()
-        accuracy = evaluate_accuracy(model, x_test, y_test)
-    return model, accuracy
+    return fit(ARCHS[arch], load_eval_split(), epochs, seed, batch_size, lr)
 
 
 def load_pretrained(arch: str, path: str | Path | None = None) -> nn.Module:
