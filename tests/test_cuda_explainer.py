@@ -9,18 +9,11 @@ from tv_models import randomized
 
 import rlrp_fast
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-    reason="needs CUDA with compiled Triton kernels (TRITON_INTERPRET=0)")
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # TF32 would put the torch backend itself ~1e-3 off; compare float32 with float32
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="needs CUDA with compiled Triton kernels (TRITON_INTERPRET=0)"),
+    pytest.mark.usefixtures("no_tf32"),  # TF32 would put the torch backend itself ~1e-3 off
+]
 
 
 def _rel_err(a, b):

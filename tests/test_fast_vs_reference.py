@@ -23,6 +23,8 @@ from rlrp_fast import Explainer
 from rlrp_fast.capture import capture
 from rlrp_fast.reference import reference_explain
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FP32_TOL = 1e-5   # float32 fast path vs float64 reference
 FP64_TOL = 1e-10  # float64 fast path vs float64 reference
 
@@ -326,16 +328,6 @@ def _compare(seed: int, rule: str, options: dict, dtype: torch.dtype) -> torch.T
     torch.testing.assert_close(fast.logits.double(), logits,
                                rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
     return _relative_errors(fast.relevance, ref)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors here are tiny: intra-op threads only add overhead, and on a shared 2-core
-    # machine they make this file ~30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # =============================================================================================

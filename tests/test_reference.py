@@ -23,16 +23,9 @@ from rlrp_fast.capture import capture
 from rlrp_fast.reference import (LinearRecord, RoutingRecord, reference_explain,
                                  reference_forward)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and contention on a shared machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _records(model: nn.Module, x: torch.Tensor, rule: str = "rlrp", **options):

@@ -39,22 +39,14 @@ elif torch.cuda.is_available():
     DEVICES = ["cuda"]
 else:
     DEVICES = []
-pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not DEVICES, reason="Triton needs CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("no_tf32")]
 DEVICES = DEVICES or ["cpu"]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 DTYPES = list(TOL)
 SMALL_BLOCKS_LINEAR = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 SMALL_BLOCKS_CONV = {"BLOCK_P": 16, "BLOCK_C": 16, "BLOCK_K": 16, "GROUP_M": 2}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """The torch backend on CUDA would use TF32 convolutions (cuDNN's default), 1e-3 off."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # -- helpers -------------------------------------------------------------------------------
