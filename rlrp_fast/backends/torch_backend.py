@@ -80,7 +80,7 @@ class TorchBackend(Backend):
         p = step.params
         n = step.dims
         kernel = _tup(p["kernel_size"], n)
-        stride = _tup(p["stride"] if p["stride"] is not None else kernel, n) or kernel
+        stride = _tup(p["stride"], n) if p["stride"] not in (None, ()) else kernel
         fn = (torch.ops.aten.avg_pool2d_backward if n == 2
               else torch.ops.aten.avg_pool3d_backward)
         return fn(g.contiguous(), like, kernel, stride, _tup(p["padding"], n), p["ceil_mode"],
