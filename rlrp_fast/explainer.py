@@ -96,9 +96,13 @@ class Explainer:
                 raise TypeError(f"rule {rule!r} takes no options, got {sorted(options)}")
             self._plan: Plan | None = None
             self._rule = None
+            self._input_layers: list[Affine] = []
             return
         self._rule = make_rule(rule, **options)
         self._plan = capture(model)
+        # the Linear/Conv steps that read the input, checked against x on every call
+        self._input_layers = [s for s in self._plan.steps if isinstance(s, Affine)
+                              and self._plan.input_slot in s.inputs]
         self._prepare(torch.float32)
 
     @property
@@ -129,10 +133,8 @@ class Explainer:
             raise ValueError(f"x is on {x.device} but the model is on {self.device}")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
-        if self._plan is not None:
-            for step in self._plan.steps:
-                if isinstance(step, Affine) and self._plan.input_slot in step.inputs:
-                    self._check_first_layer(step, x)
+        for step in self._input_layers:
+            self._check_first_layer(step, x)
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or Inf")
 
