@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
-                   Step, resolve, step_reads)
-from .numerics import Rel
+                   Step, resolve, scale_rows, step_reads)
+from .numerics import Rel, per_channel
 from .rules import Propagator
 
 
@@ -41,16 +41,25 @@ class StepError(ValueError):
     """A step failed in the forward pass; the message names the step."""
 
 
+def _affine(step: Affine, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+            ) -> torch.Tensor:
+    if not step.is_conv:
+        return F.linear(x, w, b)
+    return _CONV[step.conv_dims](x, w, b, step.stride, step.padding, step.dilation, step.groups)
+
+
 def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int):
     if isinstance(step, Affine):
-        w, b = weights[index]
+        w, b, s = weights[index]
         x = args[0]
-        if not step.is_conv:
-            if step.folded_batchnorm and x.dim() != 2:
-                raise ValueError("a Linear followed by BatchNorm1d needs (N, features) input")
-            return F.linear(x, w, b)
-        return _CONV[step.conv_dims](x, w, b, step.stride, step.padding, step.dilation,
-                                     step.groups)
+        if s is None:
+            return _affine(step, x, w, b)
+        if not step.is_conv and x.dim() != 2:
+            raise ValueError("a Linear followed by BatchNorm1d needs (N, features) input")
+        # the folded BatchNorm: scale the weight or the output, whichever is smaller
+        if w.numel() < step.output_numel(x.shape):
+            return _affine(step, x, scale_rows(w, s).to(w.dtype), b)
+        return _affine(step, x, w, None).mul_(per_channel(s, x)).add_(per_channel(b, x))
     if isinstance(step, Pool):
         x = args[0]
         p = step.params
@@ -63,8 +72,8 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
                                     p["ceil_mode"], p["count_include_pad"], **extra)
     if isinstance(step, Scale):
         x = args[0]
-        shape = (-1,) + (1,) * (x.dim() - 2)
-        return x * step.scale.to(x.dtype).view(shape) + step.shift.to(x.dtype).view(shape)
+        return (x * per_channel(step.scale.to(x.dtype), x)
+                + per_channel(step.shift.to(x.dtype), x))
     if isinstance(step, Activation):
         return step.fn(args[0])
     if isinstance(step, Add):

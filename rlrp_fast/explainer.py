@@ -67,9 +67,10 @@ class Explainer:
         **options: the rule's options, e.g. ``skip="ratio"`` for ``rlrp``, ``epsilon=0.25``,
             ``gamma=0.25``, ``low=..., high=...`` for ``zbox``/``EpsilonGammaBox``.
 
-    The model's weights are read in place, not copied (BatchNorm-folded and rule-modified
-    weights excepted): changing them afterwards raises an error on the next call (build a new
-    explainer). Safe to call from several threads.
+    The model's weights are read in place, not copied (BatchNorm is applied as a per-channel
+    scale; only the classic rules keep folded or modified copies, z⁺, w², ...): changing them
+    afterwards raises an error on the next call (build a new explainer). Safe to call from
+    several threads.
     """
 
     def __init__(self, model: nn.Module, rule: str = "rlrp", backend: str = "auto",
@@ -117,9 +118,9 @@ class Explainer:
             if rel_dtype not in self._propagators:
                 self._propagators[rel_dtype] = self._rule.propagators(self._plan, rel_dtype)
             if dtype not in self._weights:
-                self._weights[dtype] = {
-                    i: (s.weight.to(dtype), None if s.bias is None else s.bias.to(dtype))
-                    for i, s in enumerate(self._plan.steps) if isinstance(s, Affine)}
+                self._weights[dtype] = {i: _forward_weights(s, dtype, rel_dtype)
+                                        for i, s in enumerate(self._plan.steps)
+                                        if isinstance(s, Affine)}
             return self._propagators[rel_dtype], self._weights[dtype]
 
     # -- validation ----------------------------------------------------------------------------
@@ -219,6 +220,16 @@ class Explainer:
             (grad,) = torch.autograd.grad(logits, x_grad, r_out.to(logits.dtype))
         return Explanation(relevance=(x.to(rel_dtype) * grad.to(rel_dtype)),
                            logits=logits.detach(), targets=targets)
+
+
+def _forward_weights(step: Affine, dtype: torch.dtype, rel_dtype: torch.dtype) -> tuple:
+    """``(W, b, s)`` of an Affine step for the forward in ``dtype``. A folded BatchNorm's
+    ``s`` (None without one) stays in the relevance dtype, float32 at least, so that a
+    float16/bfloat16 forward rounds ``s·z`` (or ``s·W``) once, as the model's own would."""
+    weight = step.weight.to(dtype)
+    bias = None if step.bias is None else step.bias.to(dtype)
+    scale = None if step.channel_scale is None else step.channel_scale.to(rel_dtype)
+    return weight, bias, scale
 
 
 def _output_relevance(logits: torch.Tensor, target, output_relevance, dtype: torch.dtype

@@ -18,6 +18,11 @@ def per_sample(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.view(-1, *([1] * (like.dim() - 1)))
 
 
+def per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(C,)`` scale viewed to broadcast against ``like`` ``(N, C, ...)``."""
+    return scale.view(-1, *([1] * (like.dim() - 2)))
+
+
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """zennit's stabiliser: ``z + ε·(sign(z) + (z == 0))`` (``ε = 0`` leaves ``z`` alone)."""
     if eps == 0:

@@ -5,7 +5,7 @@ one call; the plan itself holds no per-call state, so one plan serves many threa
 
 Step kinds (one class each):
 
-- ``Affine``   Linear / ConvNd with explicit (BatchNorm-folded) weight and bias.
+- ``Affine``   Linear / ConvNd, with a following BatchNorm folded in (as a channel scale).
 - ``Pool``     parameter-free linear maps: AvgPool*, AdaptiveAvgPool*, mean over dims.
 - ``Scale``    a BatchNorm with nothing to fold into: ``z = s·a + t`` per channel.
 - ``Activation`` elementwise nonlinearity; relevance passes through unchanged.
@@ -45,11 +45,16 @@ class Step:
 
 @dataclass(frozen=True, eq=False)
 class Affine(Step):
-    """``z = W a + b``. ``conv_dims`` is 0 for Linear, 1/2/3 for ConvNd.
+    """``z = s ⊙ (W a) + b``. ``conv_dims`` is 0 for Linear, 1/2/3 for ConvNd.
 
-    ``weight``/``bias`` are the folded parameters in the model's dtype and device (a copy:
-    the user's model is never touched). ``folded_batchnorm`` marks a Linear with a
-    BatchNorm1d folded in, which is only right for ``(N, features)`` inputs."""
+    ``weight`` is the layer's own weight, read in place (never copied, never modified).
+    ``channel_scale`` is the per-output-channel ``s`` of a BatchNorm folded into the layer
+    (float64; None without one) and ``bias`` the folded bias ``s·(b − μ) + β``, in the
+    model's dtype. The fold is applied on the fly, per layer and call to whichever is
+    smaller, the weight or the activation, so that no scaled copy of the weights stays
+    resident; rules that need the folded weight itself build it once with
+    :meth:`effective_weight`. A Linear with a BatchNorm1d folded in is only right for
+    ``(N, features)`` inputs."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -58,11 +63,33 @@ class Affine(Step):
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
-    folded_batchnorm: bool = False
+    channel_scale: torch.Tensor | None = None
 
     @property
     def is_conv(self) -> bool:
         return self.conv_dims > 0
+
+    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``s·W`` in ``dtype`` (a new tensor) with a folded BatchNorm, else ``W`` in ``dtype``."""
+        weight = self.weight.to(dtype)
+        if self.channel_scale is None:
+            return weight
+        return scale_rows(weight, self.channel_scale.to(dtype))
+
+    def output_numel(self, input_shape: torch.Size) -> int:
+        """Number of elements of ``z`` for an input of ``input_shape``."""
+        if not self.is_conv:
+            return input_shape.numel() // self.weight.shape[1] * self.weight.shape[0]
+        size = input_shape[0] * self.weight.shape[0]
+        for i, length in enumerate(input_shape[2:]):
+            span = self.dilation[i] * (self.weight.shape[2 + i] - 1) + 1
+            size *= (length + 2 * self.padding[i] - span) // self.stride[i] + 1
+        return size
+
+
+def scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``s·W``: output channel ``o`` of ``weight`` times ``scale[o]`` (a new tensor)."""
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -202,7 +202,7 @@ def _dense_connections(weight_shape: tuple[int, int], in_shape: tuple[int, ...]
 
 
 def _affine_op(step: Affine, in_shape: tuple[int, ...]) -> _LinearOp:
-    weight = step.weight.to(DTYPE)
+    weight = step.effective_weight(DTYPE)
     bias = None if step.bias is None else step.bias.to(DTYPE)
     if step.conv_dims:
         index, out_shape = _conv_connections(tuple(weight.shape), tuple(step.stride),

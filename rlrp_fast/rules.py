@@ -18,8 +18,8 @@ from typing import Protocol, Sequence
 import torch
 
 from .backends import Backend
-from .numerics import Rel, l1_per_sample, safe_ratio, stabilize
-from .plan import Add, Affine, Plan, Pool, Scale, Step
+from .numerics import Rel, l1_per_sample, per_channel, safe_ratio, stabilize
+from .plan import Add, Affine, Plan, Pool, Scale, Step, scale_rows
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
 COMPOSITES = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat")
@@ -63,8 +63,7 @@ def _fixed_linear_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.T
     """``a ⊙ (Pᵀ g)`` for a parameter-free linear step (Pool) or a diagonal one (Scale)."""
     if isinstance(step, Pool):
         return backend.pool_adjoint(step, g, a.shape).mul_(a)
-    scale = step.scale.to(g.dtype).view(-1, *([1] * (g.dim() - 2)))
-    return (g * scale).mul_(a)
+    return (g * per_channel(step.scale.to(g.dtype), g)).mul_(a)
 
 
 # -- R-LRP ---------------------------------------------------------------------------------
@@ -73,14 +72,22 @@ class RlrpAffine:
     """``R̃_a = a ⊙ (Wᵀ R_z)``, renormalised to ``‖R_z‖₁`` per sample.
 
     The incoming scale is applied in the contraction's epilogue; the outgoing
-    renormalisation factor is left for the next contraction to apply."""
+    renormalisation factor is left for the next contraction to apply. A folded BatchNorm
+    (``W' = s·W``) enters as ``W'ᵀ R = Wᵀ (s ⊙ R)``: no scaled weight copy is kept."""
 
     weight: torch.Tensor
+    channel_scale: torch.Tensor | None
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        weight, g, s = self.weight, r.value, self.channel_scale
+        if s is not None:  # scale whichever is smaller, the weight or the relevance
+            if weight.numel() < g.numel():
+                weight = scale_rows(weight, s)
+            else:
+                g = g * per_channel(s, g)
         # ``a`` stays in the forward's dtype: backends upcast it on load (no fp32 copy)
-        r_tilde, l1 = backend.affine_contract_l1(step, self.weight, r.value, inputs[0], r.scale)
+        r_tilde, l1 = backend.affine_contract_l1(step, weight, g, inputs[0], r.scale)
         return [Rel(r_tilde, safe_ratio(r.total_l1(), l1), l1)]
 
 
@@ -263,7 +270,8 @@ class Rule:
         o = self.options
         if self.name == "rlrp":
             if isinstance(step, Affine):
-                return RlrpAffine(step.weight.to(dtype))
+                scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
+                return RlrpAffine(step.weight.to(dtype), scale)
             if isinstance(step, Add):
                 return RlrpAddLinear() if o["skip"] == "linear" else RlrpAddRatio()
             return RlrpFixedLinear()
@@ -287,7 +295,7 @@ class Rule:
 
 
 def _classic(name: str, step: Affine, o: dict, dtype: torch.dtype) -> Propagator:
-    w = step.weight.to(dtype)
+    w = step.effective_weight(dtype)
     b = None if step.bias is None else step.bias.to(dtype)
     stab = o.get("stabilizer", 1e-6)
     if name == "lrp0":

@@ -342,11 +342,34 @@ def test_generator_builds_what_it_promises(seed):
     assert any(type(s).__name__ == "Affine" and s.conv_dims for s in plan.steps)
 
 
+def _batchnorm_fold_sides(model: nn.Module, plan, x: torch.Tensor) -> set[str]:
+    """Which side each folded BatchNorm is applied to on ``x`` (the engine scales the
+    weight or the layer's output/relevance, whichever is smaller): both must be tested."""
+    folded = {s.target.split("+")[0]: s for s in plan.steps
+              if type(s).__name__ == "Affine" and s.channel_scale is not None}
+    sides: set[str] = set()
+
+    def record(step):
+        def hook(module, args, output):
+            assert step.output_numel(args[0].shape) == output.numel()
+            smaller = step.weight.numel() < output.numel()
+            sides.add("bn_scales_weight" if smaller else "bn_scales_output")
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(record(step))
+               for name, step in folded.items()]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return sides
+
+
 def test_generator_covers_the_architecture_space():
     """Across the seeds, every feature the fast path must handle occurs at least once."""
     seen = set()
     for seed in SEEDS:
-        model, plan, _ = _case(seed)
+        model, plan, x = _case(seed)
         for m in model.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 seen.add(type(m).__name__)
@@ -362,7 +385,9 @@ def test_generator_covers_the_architecture_space():
         seen.update(type(s).__name__ for s in plan.steps)
         first = next(s for s in plan.steps if type(s).__name__ == "Affine")
         seen.add("linear_first" if not first.conv_dims else "conv_first")
-    required = {"Conv1d", "Conv2d", "Conv3d", "k1", "k3", "k5", "s1", "s2", "d1", "d2", "g1",
+        seen.update(_batchnorm_fold_sides(model, plan, x))
+    required = {"bn_scales_weight", "bn_scales_output",
+                "Conv1d", "Conv2d", "Conv3d", "k1", "k3", "k5", "s1", "s2", "d1", "d2", "g1",
                 "g2", "padding", "MaxPool2d", "AvgPool2d", "Residual", "projection",
                 "identity_skip", "Concat", "SpatialMean", "ViewFlatten", "Flatten", "Linear",
                 "Scale", "Add", "Cat", "MaxPool", "Pool", "Reshape", "Meta",
