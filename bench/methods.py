@@ -150,6 +150,17 @@ def _captum(model, spec, device, dtype) -> Fn:
             with torch.no_grad():  # not inference_mode: Captum saves the targets for backward
                 targets[key] = model(x).argmax(1)
         return lrp.attribute(x, target=targets[key])
+
+    def release():
+        """Captum keeps the last call's activations and relevances on its layers and rules
+        until the next call; the timing loop drops them between calls (outside the clock)."""
+        for layer in lrp.layers:
+            layer.__dict__.pop("activations", None)
+            rule = getattr(layer, "rule", None)
+            if rule is not None:
+                rule.__dict__.pop("relevance_input", None)
+                rule.__dict__.pop("relevance_output", None)
+    fn.release = release
     return fn
 
 
