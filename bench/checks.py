@@ -6,7 +6,7 @@ independent ("correct enough to time").
   EpsilonGammaBox (same ``low``/``high``) against ours, Captum's LRP against our ``epsilon``
   with Captum's default ε = 1e-9;
 - our composites as timed (on the unfolded model, our own BN folding) against zennit;
-- our R-LRP backends against the ``torch`` backend.
+- our R-LRP backends (and the compiled path) against the ``torch`` backend.
 
 A status is ``ok`` (per-image relative L1 ≤ the tolerance), ``MISMATCH (err=…)``,
 ``broken (…)`` (non-finite, absurd magnitudes, or an exception) or ``skipped: why``.
@@ -105,10 +105,9 @@ def check(model: nn.Module, spec: ModelSpec, keys: list[str], x: torch.Tensor,
         elif key == "rlrp-torch":
             nonzero = torch.isfinite(ref_rlrp).all() and ref_rlrp.abs().sum() > 0
             out[key] = ("ok", None) if nonzero else ("broken (zero or non-finite)", None)
-        elif key.startswith("rlrp-"):
-            guarded(key, lambda: _vs(_ours(model, "rlrp", x.to(dtype),
-                                            backend=key.split("-", 1)[1]).relevance,
-                                      ref_rlrp, tol_ours))
+        elif key.startswith("rlrp-"):  # as timed: the method's own set-up
+            guarded(key, lambda: _vs(method.setup(model, spec, x.device, dtype)(x),
+                                     ref_rlrp, tol_ours))
         elif method.family == "ours":  # our composite as timed, against zennit
             opts = {"low": spec.low, "high": spec.high} if key == "EpsilonGammaBox" else {}
             guarded(key, lambda: _vs(_ours(model, key, x.to(dtype), backend="auto",

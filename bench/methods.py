@@ -31,13 +31,14 @@ class Method:
     setup: Callable[[nn.Module, ModelSpec, torch.device, torch.dtype], Fn]
     devices: tuple[str, ...] = ("cpu", "cuda")
     ours_dtype: bool = False  # runs in --dtype (our engine); the others always run float32
+    backend: str | None = None  # our fused backend it needs, if any
 
     def skip_reason(self, device: torch.device) -> str | None:
         """Why this method cannot run here, or None."""
         if device.type not in self.devices:
             return f"{device.type} has no such backend"
-        if self.key.startswith("rlrp-") and self.key != "rlrp-torch":
-            reason = unavailable_reason(self.key.split("-", 1)[1])
+        if self.backend is not None:
+            reason = unavailable_reason(self.backend)
             if reason is not None:
                 return f"backend unavailable: {reason}"
         if self.family == "zennit":
@@ -79,14 +80,15 @@ def _gradient_x_input(model, spec, device, dtype) -> Fn:
 
 
 # -- our engine ------------------------------------------------------------------------------
-def _ours(rule: str, backend: str, **options):
+def _ours(rule: str, backend: str, compile: bool = False, **options):  # noqa: A002
     def setup(model, spec, device, dtype) -> Fn:
         opts = dict(options)
         if rule == "EpsilonGammaBox":
             opts.update(low=spec.low, high=spec.high)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # 'auto' falling back to torch
-            explainer = rlrp_fast.Explainer(model, rule=rule, backend=backend, **opts)
+            explainer = rlrp_fast.Explainer(model, rule=rule, backend=backend,
+                                            compile=compile, **opts)
 
         def fn(x):
             return explainer.explain(x.to(dtype)).relevance
@@ -170,9 +172,12 @@ METHODS = {m.key: m for m in [
     Method("rlrp-torch", "rlrp_fast R-LRP [torch]", "ours", _ours("rlrp", "torch"),
            ours_dtype=True),
     Method("rlrp-cpp", "rlrp_fast R-LRP [cpp]", "ours", _ours("rlrp", "cpp"), ("cpu",),
-           ours_dtype=True),
+           ours_dtype=True, backend="cpp"),
     Method("rlrp-triton", "rlrp_fast R-LRP [triton]", "ours", _ours("rlrp", "triton"),
-           ("cuda",), ours_dtype=True),
+           ("cuda",), ours_dtype=True, backend="triton"),
+    # compiles in the warm-up round (untimed): seconds on digits, a minute per batch on 224²
+    Method("rlrp-compiled", "rlrp_fast R-LRP [cpp, compiled]", "ours",
+           _ours("rlrp", "cpp", compile=True), ("cpu",), ours_dtype=True, backend="cpp"),
     Method("EpsilonPlus", "rlrp_fast EpsilonPlus", "ours", _ours("EpsilonPlus", "auto"),
            ours_dtype=True),
     Method("EpsilonGammaBox", "rlrp_fast EpsilonGammaBox", "ours",
@@ -183,7 +188,7 @@ METHODS = {m.key: m for m in [
     Method("captum-LRP", "Captum LRP (ε=1e-9)", "captum", _captum),
 ]}
 
-DEFAULT_METHODS = ("forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-triton", "EpsilonPlus",
-                   "zennit-EpsilonPlus", "zennit-EpsilonGammaBox", "captum-LRP")
+DEFAULT_METHODS = ("forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-triton", "rlrp-compiled",
+                   "EpsilonPlus", "zennit-EpsilonPlus", "zennit-EpsilonGammaBox", "captum-LRP")
 QUICK_METHODS = ("forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-triton",
                  "zennit-EpsilonPlus")
