@@ -15,6 +15,7 @@ prints one JSON line ``{"peak_mb": …, "state_mb": …}``:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 
@@ -46,24 +47,14 @@ def _reset_peak() -> bool:
         return False
 
 
-def _import_peer(family: str) -> None:
-    """Import a peer's modules before the baseline: their code is not working memory."""
-    if family == "zennit":
-        import zennit.attribution  # noqa: F401
-        import zennit.canonizers  # noqa: F401
-        import zennit.composites  # noqa: F401
-        import zennit.torchvision  # noqa: F401
-    elif family == "captum":
-        import captum.attr  # noqa: F401
-
-
 def measure(model_name: str, key: str, batch: int, device: str = "cpu",
             dtype: str = "float32") -> dict:
     device = torch.device(device)
     spec = SPECS[model_name]
     method = METHODS[key]
     ours_dtype = getattr(torch, dtype) if method.ours_dtype else torch.float32
-    _import_peer(method.family)
+    for module in method.imports:  # before the baseline: their code is not working memory
+        importlib.import_module(module)
     model = build(model_name).to(device)
     x = spec.inputs(batch, seed=batch).to(device)
     with torch.inference_mode():  # lazy library initialisation is nobody's working memory

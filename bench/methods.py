@@ -32,6 +32,7 @@ class Method:
     devices: tuple[str, ...] = ("cpu", "cuda")
     ours_dtype: bool = False  # runs in --dtype (our engine); the others always run float32
     backend: str | None = None  # our fused backend it needs, if any
+    imports: tuple[str, ...] = ()  # modules whose code the memory probe does not count
 
     def skip_reason(self, device: torch.device) -> str | None:
         """Why this method cannot run here, or None."""
@@ -166,6 +167,9 @@ def _captum(model, spec, device, dtype) -> Fn:
     return fn
 
 
+_ZENNIT_MODULES = ("zennit.attribution", "zennit.canonizers", "zennit.composites",
+                   "zennit.torchvision")
+
 METHODS = {m.key: m for m in [
     Method("forward", "forward only", "floor", _forward),
     Method("gxi", "gradient × input", "floor", _gradient_x_input),
@@ -177,15 +181,17 @@ METHODS = {m.key: m for m in [
            ("cuda",), ours_dtype=True, backend="triton"),
     # compiles in the warm-up round (untimed): seconds on digits, a minute per batch on 224²
     Method("rlrp-compiled", "rlrp_fast R-LRP [cpp, compiled]", "ours",
-           _ours("rlrp", "cpp", compile=True), ("cpu",), ours_dtype=True, backend="cpp"),
+           _ours("rlrp", "cpp", compile=True), ("cpu",), ours_dtype=True, backend="cpp",
+           imports=("torch._dynamo", "torch._inductor.compile_fx")),
     Method("EpsilonPlus", "rlrp_fast EpsilonPlus", "ours", _ours("EpsilonPlus", "auto"),
            ours_dtype=True),
     Method("EpsilonGammaBox", "rlrp_fast EpsilonGammaBox", "ours",
            _ours("EpsilonGammaBox", "auto"), ours_dtype=True),
-    Method("zennit-EpsilonPlus", "zennit EpsilonPlus", "zennit", _zennit("EpsilonPlus")),
+    Method("zennit-EpsilonPlus", "zennit EpsilonPlus", "zennit", _zennit("EpsilonPlus"),
+           imports=_ZENNIT_MODULES),
     Method("zennit-EpsilonGammaBox", "zennit EpsilonGammaBox", "zennit",
-           _zennit("EpsilonGammaBox")),
-    Method("captum-LRP", "Captum LRP (ε=1e-9)", "captum", _captum),
+           _zennit("EpsilonGammaBox"), imports=_ZENNIT_MODULES),
+    Method("captum-LRP", "Captum LRP (ε=1e-9)", "captum", _captum, imports=("captum.attr",)),
 ]}
 
 DEFAULT_METHODS = ("forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-triton", "rlrp-compiled",
