@@ -67,12 +67,12 @@ class Explainer:
         backend: ``"auto"`` (fastest available), ``"torch"``, ``"triton"`` or ``"cpp"``.
         compile: run the plan's forward and relevance pass through ``torch.compile``
             (torch and cpp backends). Each new batch shape or dtype compiles first (seconds
-            to a minute) and compiling needs 50-100 MB more memory. Measured on CPU
-            (bench/RESULTS.md) it only wins on small models at larger batches (digits CNN,
-            batch 32: 0.79x gradient × input instead of 0.87x); at batch 1 its guards cost
-            more than it saves, and on ResNet50 it ties with eager. Off by default. torch
-            caps the variants one process compiles (``torch._dynamo.config``); past the cap
-            it runs eagerly.
+            to a minute) and needs more memory (50-450 MB). Measured on CPU
+            (bench/RESULTS.md) it wins at larger batches (batch 32: digits CNN 0.79x
+            gradient × input instead of 0.87x, ResNet50 0.83x instead of 0.94x), ties at
+            batch 8 and ties or loses at batch 1, where its guards cost more than it saves.
+            Off by default. torch caps the variants one process compiles
+            (``torch._dynamo.config``); past the cap it runs eagerly.
         **options: the rule's options, e.g. ``skip="ratio"`` for ``rlrp``, ``epsilon=0.25``,
             ``gamma=0.25``, ``low=..., high=...`` for ``zbox``/``EpsilonGammaBox``.
 
