@@ -6,9 +6,11 @@
 """
 from .capture import SUPPORTED_OPS, UnsupportedModelError
 from .explainer import Explainer, Explanation, explain
+from .guard import StaleModelError
+from .verify import TraceMismatchError
 from .rules import RULES
 
 __version__ = "0.1.0"
 
 __all__ = ["Explainer", "Explanation", "explain", "RULES", "SUPPORTED_OPS",
-           "UnsupportedModelError", "__version__"]
+           "UnsupportedModelError", "StaleModelError", "TraceMismatchError", "__version__"]

@@ -111,6 +111,14 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _META_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add,
                    operator.sub, operator.truediv, len}
 
+# In-place ops: the plan runs every op out of place, then lets later readers of the mutated
+# tensor read the op's result, which is what they read in the model.
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+# functions with an ``inplace`` flag → its positional index
+_INPLACE_FLAG = {F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.hardswish: 1, F.silu: 1,
+                 F.hardtanh: 3, F.selu: 1, F.celu: 2, F.mish: 1, F.hardsigmoid: 1,
+                 F.threshold: 3, F.rrelu: 4}
+
 
 def _tuple(value, n: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
@@ -154,6 +162,30 @@ def _fold(step: Affine, scale: torch.Tensor, shift: torch.Tensor, name: str) -> 
                   dilation=step.dilation, groups=step.groups, channel_scale=scale)
 
 
+def _mutated_operand(node: fx.Node, gm: fx.GraphModule) -> Any:
+    """The argument an in-place op overwrites (None for out-of-place ops). Dropout in eval
+    and Identity change nothing, in place or not."""
+    if node.op == "call_method":
+        name = node.target
+        return node.args[0] if name.endswith("_") and not name.startswith("_") else None
+    if node.op == "call_function":
+        fn = node.target
+        name = getattr(fn, "__name__", "")
+        if fn in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_")):
+            return node.args[0]
+        position = _INPLACE_FLAG.get(fn)
+        flag = node.kwargs.get("inplace", False)
+        if position is not None and len(node.args) > position:
+            flag = node.args[position]
+        return node.args[0] if flag is True else None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if getattr(module, "inplace", False) is True and \
+                not isinstance(module, _PASSTHROUGH_MODULES):
+            return node.args[0]
+    return None
+
+
 class _Builder:
     """Walks the fx graph once, assigning slots and emitting steps."""
 
@@ -165,6 +197,8 @@ class _Builder:
         self.num_slots = 0
         self.input_slot: int | None = None
         self.output_slot: int | None = None
+        self.view_of: dict[int, int] = {}  # slot of a reshape's output → slot of its input
+        self.position: dict[fx.Node, int] = {}
 
     # -- helpers -----------------------------------------------------------------------------
     def new_slot(self, node: fx.Node) -> int:
@@ -191,6 +225,8 @@ class _Builder:
     def emit(self, node: fx.Node, cls, inputs: tuple[int, ...], **fields) -> None:
         self.steps.append(cls(name=node.name, target=self.describe(node), inputs=inputs,
                               output=self.new_slot(node), **fields))
+        if cls is Reshape:  # may share memory with its input (matters for in-place ops)
+            self.view_of[self.slot_of[node]] = inputs[0]
 
     def alias(self, node: fx.Node, source: fx.Node) -> None:
         self.slot_of[node] = self.slot_of[source]
@@ -205,13 +241,54 @@ class _Builder:
 
     # -- the walk ----------------------------------------------------------------------------
     def build(self) -> Plan:
-        for node in self.gm.graph.nodes:
+        nodes = list(self.gm.graph.nodes)
+        self.position = {node: i for i, node in enumerate(nodes)}
+        for node in nodes:
             handler = getattr(self, f"on_{node.op}")
             handler(node)
+            mutated = _mutated_operand(node, self.gm)
+            if isinstance(mutated, fx.Node) and mutated in self.slot_of \
+                    and mutated not in self.is_meta:
+                self.on_mutation(node, mutated)
         if self.input_slot is None or self.output_slot is None:
             raise UnsupportedModelError("the traced model has no input or no output")
+        slot_nodes: list[str | None] = [None] * self.num_slots
+        for node in nodes:  # graph order: a slot holds the value of the last node mapped to it
+            if node in self.slot_of:
+                slot_nodes[self.slot_of[node]] = node.name
         return Plan(steps=tuple(self.steps), input_slot=self.input_slot,
-                    output_slot=self.output_slot, num_slots=self.num_slots)
+                    output_slot=self.output_slot, num_slots=self.num_slots,
+                    slot_nodes=tuple(slot_nodes))
+
+    def on_mutation(self, node: fx.Node, target: fx.Node) -> None:
+        """``node`` overwrote ``target`` in place: later readers of ``target`` (and of every
+        alias of it) read ``node``'s result. A view of it read later would see the change
+        through shared memory, which the plan cannot follow: refused, as is mutating the
+        model's input."""
+        old, new = self.slot_of[target], self.slot_of.get(node)
+        if new is None or new == old:
+            return
+        what = f"in-place op {self.describe(node)!r}"
+        if old == self.input_slot:
+            raise _unsupported(node, what, "it overwrites the model's input; write it out of "
+                               "place (e.g. x = x.relu())")
+        root = self.view_root(old)
+        later = self.position[node]
+        for other, slot in self.slot_of.items():
+            if slot != old and self.view_root(slot) == root and any(
+                    self.position[user] > later and user not in self.is_meta
+                    for user in other.users):
+                raise _unsupported(node, what, f"it overwrites a tensor that node "
+                                   f"{other.name!r} views and that view is read afterwards; "
+                                   "write the op out of place")
+        for other, slot in list(self.slot_of.items()):
+            if slot == old:
+                self.slot_of[other] = new
+
+    def view_root(self, slot: int) -> int:
+        while slot in self.view_of:
+            slot = self.view_of[slot]
+        return slot
 
     def on_placeholder(self, node: fx.Node) -> None:
         if self.input_slot is not None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .backends import Backend
 from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
                    Step, resolve, scale_rows, step_reads)
-from .numerics import Rel, per_channel
+from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
 from .rules import Propagator
 
 
@@ -100,8 +100,10 @@ def _last_reads(plan: Plan) -> list[list[int]]:
 
 
 def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
-                propagators: list[Propagator | None]) -> tuple[torch.Tensor, Tape]:
-    """Run the plan on ``x``; return the output and the tape the relevance pass needs."""
+                propagators: list[Propagator | None], record: dict | None = None
+                ) -> tuple[torch.Tensor, Tape]:
+    """Run the plan on ``x``; return the output and the tape the relevance pass needs.
+    ``record``, if given, receives every slot's value (trace verification reads them)."""
     values: list = [None] * plan.num_slots
     values[plan.input_slot] = x
     tape = Tape({}, {}, {}, {})
@@ -132,16 +134,44 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
             if prop.needs_output:
                 tape.outputs[i] = out
         values[step.output] = out
+        if record is not None:
+            record[step.output] = out
         for slot in release[i]:
             values[slot] = None
     return values[plan.output_slot], tape
 
 
+@dataclass
+class RelevancePass:
+    """The relevance at the input, and (R-LRP) whether every step's value stayed in the
+    range where float arithmetic is exact enough: ``healthy`` ``(N,)`` bool, None for the
+    classic rules (which do not renormalise, so have no range to keep)."""
+
+    relevance: torch.Tensor
+    healthy: torch.Tensor | None
+
+
+def value_range(dtype: torch.dtype) -> tuple[float, float]:
+    """The per-sample L1 norms a relevance value may have without losing precision in the
+    next contraction (subnormals) or overflowing in it: ``tiny^⅔ … max^⅔`` (float32:
+    1e-25 … 5e25)."""
+    info = torch.finfo(dtype)
+    return info.tiny ** (2 / 3), info.max ** (2 / 3)
+
+
 def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
-                  propagators: list[Propagator | None]) -> torch.Tensor:
-    """Walk the plan backwards from ``r_out`` (relevance at the output) to the input."""
+                  propagators: list[Propagator | None], keep_mass: bool = False,
+                  safe: bool = False) -> RelevancePass:
+    """Walk the plan backwards from ``r_out`` (relevance at the output) to the input.
+
+    ``keep_mass`` (R-LRP): relevance carries its L1 mass (``Rel.mass``) and forks keep the
+    mass that arrives. ``safe``: before each step, scale its inputs and relevance to a
+    maximum of 1 per sample (R-LRP is invariant to it), so that inputs from 1e-44 to 1e38
+    neither underflow nor overflow; slower, used when the plain pass was not ``healthy``."""
     rel: list[Rel | None] = [None] * plan.num_slots
-    rel[plan.output_slot] = Rel(r_out)
+    mass = l1_per_sample(r_out) if keep_mass else None
+    rel[plan.output_slot] = Rel(r_out, mass, mass)
+    norms: list[torch.Tensor] = []  # every R-LRP step's output L1, for the range check
     for i in range(len(plan.steps) - 1, -1, -1):
         step = plan.steps[i]
         r = rel[step.output]
@@ -150,7 +180,12 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
         rel[step.output] = None
         prop = propagators[i]
         if prop is not None:
-            parts = prop(backend, step, r, tape.inputs.pop(i), tape.outputs.pop(i, None))
+            inputs = tape.inputs.pop(i)
+            if safe:
+                r, inputs = _unit_max(r), _joint_unit_max(inputs, r.value.dtype)
+            parts = prop(backend, step, r, inputs, tape.outputs.pop(i, None))
+            if keep_mass:
+                norms.append(sum(p.value_l1() for p in parts))
         else:
             parts = _route(step, r, tape, i)
         for slot, part in zip(step.inputs, parts):
@@ -158,11 +193,37 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
     result = rel[plan.input_slot]
     if result is None:  # the output does not depend on the input
         raise ValueError("the model's output does not depend on its input")
-    return result.materialize()
+    healthy = None
+    if keep_mass:
+        low, high = value_range(r_out.dtype)
+        checked = torch.stack([*norms, result.value_l1()])
+        healthy = ((checked >= low) & (checked <= high)).all(0) | (mass == 0)
+    return RelevancePass(result.materialize(), healthy)
+
+
+def _unit_max(r: Rel) -> Rel:
+    """The relevance with its value scaled to a maximum of 1 per sample (mass unchanged)."""
+    return Rel(_divide_by_max(r.value, _max_abs(r.value)), r.mass)
+
+
+def _joint_unit_max(inputs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """A step's inputs in ``dtype``, all divided by one per-sample factor: their joint
+    maximum (one factor for all, so that an add's operands keep their ratio)."""
+    inputs = [t.to(dtype) for t in inputs]
+    peak = torch.stack([_max_abs(t) for t in inputs]).amax(0)
+    return [_divide_by_max(t, peak) for t in inputs]
+
+
+def _max_abs(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().reshape(t.shape[0], -1).amax(1)
+
+
+def _divide_by_max(t: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    return t / per_sample(torch.where(peak > 0, peak, torch.ones_like(peak)), t)
 
 
 def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
-    """Relevance through steps that move it without changing it (the scale rides along)."""
+    """Relevance through steps that move it without changing it (the mass rides along)."""
     if isinstance(step, Activation):
         return [r]
     if isinstance(step, MaxPool):
@@ -170,11 +231,12 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
         indices = tape.pool_indices.pop(i)
         out = r.value.new_zeros(shape[0], shape[1], shape[2:].numel())
         out.scatter_add_(2, indices.flatten(2), r.value.flatten(2))
-        return [Rel(out.view(shape), r.scale)]  # overlapping windows may sum: l1 unknown
+        # overlapping windows may sum opposite signs: the mass stays, as at a fork
+        return [Rel(out.view(shape), r.mass)]
     if isinstance(step, Reshape):
         value = step.undo(r.value) if step.undo is not None else r.value.reshape(tape.shapes[i][0])
-        return [Rel(value, r.scale, r.l1)]
+        return [Rel(value, r.mass, r.l1)]
     if isinstance(step, Cat):
         sizes = [s[step.dim] for s in tape.shapes[i]]
-        return [Rel(part, r.scale) for part in torch.split(r.value, sizes, dim=step.dim)]
+        return share_mass(list(torch.split(r.value, sizes, dim=step.dim)), r.mass)
     raise AssertionError(type(step))

@@ -10,48 +10,40 @@ import torch.nn as nn
 
 from .backends import get_backend
 from .capture import capture
-from .engine import run_forward, run_relevance
+from .engine import RelevancePass, run_forward, run_relevance
+from .guard import ModelGuard, check_eval
 from .plan import Affine, Plan
 from .rules import Propagator, make_rule
+from .verify import verify_logits
 
 GRADIENT_X_INPUT = "gradient_x_input"
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Explanation:
     """One batch's prediction and its explanation.
 
     Attributes:
         relevance: relevance per input element, shape of ``x``; float32 (float64 for
-            float64 inputs). For R-LRP every op passes on ``‖R‖₁`` unchanged, so on a chain
-            each sample's ``‖relevance‖₁`` equals ``‖output_relevance‖₁`` (``|logit|`` of the
-            target by default); where a tensor forks (ResNets), relevance of opposite signs
-            arriving from the branches may cancel, and the total is at most that.
+            float64 inputs). For R-LRP every step passes on the L1 mass it receives (forks
+            keep the sum of the masses arriving from their consumers), so each sample's
+            ``‖relevance‖₁`` equals ``‖output_relevance‖₁`` (``|logit|`` of the target by
+            default) on every architecture with ``skip="linear"``; the signed sum is not
+            conserved. ``skip="ratio"`` does not renormalise, so its L1 may differ.
         logits: the model's output ``(N, classes)``, in ``x``'s dtype.
         targets: ``(N,)`` long, the class explained per sample (with a custom
             ``output_relevance``: the arg-max of ``|output_relevance|``).
+        vanished: ``(N,)`` bool (R-LRP; None for the other rules): samples whose relevance
+            became exactly 0 on the way (a layer whose inputs were all dead, or whose
+            contributions cancelled exactly) although their output relevance was not; their
+            map is all 0.
     """
 
     relevance: torch.Tensor
     logits: torch.Tensor
     targets: torch.Tensor
-
-
-def _check_eval(model: nn.Module, modules: list[nn.Module] | None = None) -> None:
-    """Refuse a model with any submodule in training mode (``modules``: a cached
-    ``list(model.modules())`` makes the common, passing case cheap)."""
-    if modules is not None and not any(m.training for m in modules):
-        return
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
-    if training:
-        shown = ", ".join(training[:5]) + (", ..." if len(training) > 5 else "")
-        raise ValueError(f"the model is in training mode ({shown}); call model.eval() first: "
-                         "explanations need BatchNorm running statistics and Dropout off")
-
-
-def _versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+    vanished: torch.Tensor | None = None
 
 
 class Explainer:
@@ -73,30 +65,36 @@ class Explainer:
             batch 8 and ties or loses at batch 1, where its guards cost more than it saves.
             Off by default. torch caps the variants one process compiles
             (``torch._dynamo.config``); past the cap it runs eagerly.
+        verify: on the first call for each new (input shape, dtype, device), also run the
+            model itself and compare its logits with the plan's; a mismatch raises
+            :class:`rlrp_fast.TraceMismatchError` naming the first step that differs,
+            instead of returning a map of a function the model does not compute. Costs one
+            forward of the model per new shape (bench/RESULTS.md); ``False`` skips it.
         **options: the rule's options, e.g. ``skip="ratio"`` for ``rlrp``, ``epsilon=0.25``,
             ``gamma=0.25``, ``low=..., high=...`` for ``zbox``/``EpsilonGammaBox``.
 
     The model's weights are read in place, not copied (BatchNorm is applied as a per-channel
-    scale; only the classic rules keep folded or modified copies, z⁺, w², ...): changing them
-    afterwards raises an error on the next call (build a new explainer). Safe to call from
-    several threads.
+    scale; only the classic rules keep folded or modified copies, z⁺, w², ...): changing the
+    model afterwards (its weights, buffers, dtype or submodules) raises
+    :class:`rlrp_fast.StaleModelError` on the next call (build a new explainer). Safe to
+    call from several threads.
     """
 
     def __init__(self, model: nn.Module, rule: str = "rlrp", backend: str = "auto",
-                 compile: bool = False, **options) -> None:  # noqa: A002 (torch's name)
+                 compile: bool = False, verify: bool = True,  # noqa: A002 (torch's name)
+                 **options) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_eval(model)
+        check_eval(model)
         self.model = model
         self.rule_name = rule
         tensors = [*model.parameters(), *model.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self._param_dtype = next((t.dtype for t in tensors if t.is_floating_point()),
                                  torch.float32)
-        # cached once: walking the module tree on every call costs ~0.2 ms on small models
-        self._modules = list(model.modules())
-        self._tensors = tensors
-        self._versions = _versions(tensors)
+        self._guard = ModelGuard(model)
+        self._verify = verify
+        self._verified: set[tuple] = set()  # (shape, dtype, device) the plan was checked on
         self._backend = get_backend(backend, self.device)
         self._lock = threading.Lock()
         self._propagators: dict[torch.dtype, list[Propagator | None]] = {}
@@ -201,10 +199,7 @@ class Explainer:
             output_relevance: instead of ``target``, the relevance at the logits
                 ``(N, classes)`` (e.g. a one-hot).
         """
-        _check_eval(self.model, self._modules)
-        if _versions(self._tensors) != self._versions:
-            raise ValueError("the model's parameters or buffers changed since this Explainer "
-                             "was built; build a new Explainer")
+        self._guard.check()
         self._check_input(x)
         if target is not None and output_relevance is not None:
             raise ValueError("pass either target or output_relevance, not both")
@@ -217,20 +212,56 @@ class Explainer:
         if self._plan is None:
             return self._gradient_x_input(x, target, output_relevance)
         propagators, weights = self._prepare(x.dtype)
-        args = (self._plan, x, weights, propagators, self._backend, target, output_relevance)
+        args = (self._plan, x, weights, propagators, self._backend, target, output_relevance,
+                self._rule.keeps_mass)
         with torch.inference_mode():
-            if self._compiled is None:
-                return _explain_batch(*args)
-            try:
-                return self._compiled(*args)
-            except Exception as exc:  # noqa: BLE001
-                failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-            # a batch at fault (say, a target out of range) raises its clear error here
-            explanation = _explain_batch(*args)
-            warnings.warn(f"torch.compile failed ({failure}); this Explainer runs eagerly from "
-                          "now on", RuntimeWarning, stacklevel=2)
-            self._compiled = None
-            return explanation
+            logits, targets, result = self._run(args)
+            if result.healthy is not None and not bool(result.healthy.all()):
+                _check_target_logits(logits, targets, output_relevance)
+                # some value left the range where float32 is exact: redo with every step's
+                # inputs and relevance scaled to a maximum of 1 (R-LRP is invariant to it)
+                logits, targets, result = _explain_batch(*args, safe=True)
+                if not bool(torch.isfinite(result.relevance).all()):
+                    raise FloatingPointError(
+                        "R-LRP relevance overflowed although the logits are finite (weights "
+                        "near the float range's limits?); try float64 input")
+            elif result.healthy is None:
+                _check_target_logits(logits, targets, output_relevance)
+        if self._verify:
+            self._verify_once(x, logits, weights, propagators)
+        # clones made outside inference mode: ordinary tensors the caller may modify in place
+        vanished = None if result.healthy is None else _vanished(result.relevance, logits,
+                                                                 targets, output_relevance)
+        return Explanation(relevance=result.relevance.clone(), logits=logits.clone(),
+                           targets=targets.clone(), vanished=vanished)
+
+    def _run(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor, RelevancePass]:
+        if self._compiled is None:
+            return _explain_batch(*args)
+        try:
+            return self._compiled(*args)
+        except Exception as exc:  # noqa: BLE001
+            failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        # a batch at fault (say, a target out of range) raises its clear error here
+        out = _explain_batch(*args)
+        warnings.warn(f"torch.compile failed ({failure}); this Explainer runs eagerly from "
+                      "now on", RuntimeWarning, stacklevel=3)
+        self._compiled = None
+        return out
+
+    def _verify_once(self, x: torch.Tensor, logits: torch.Tensor, weights: dict,
+                     propagators: list) -> None:
+        """Trace verification, once per (shape, dtype, device) that passes."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key in self._verified:
+            return
+
+        def run_plan(x_: torch.Tensor, record: dict) -> torch.Tensor:
+            return run_forward(self._plan, x_, weights, propagators, record)[0]
+
+        verify_logits(self.model, self._param_dtype, self._plan, x, logits, run_plan)
+        with self._lock:
+            self._verified.add(key)
 
     __call__ = explain
 
@@ -247,13 +278,36 @@ class Explainer:
 
 
 def _explain_batch(plan: Plan, x: torch.Tensor, weights: dict, propagators: list,
-                   backend, target, output_relevance) -> Explanation:
+                   backend, target, output_relevance, keep_mass: bool, safe: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, RelevancePass]:
     """The plan's forward and relevance pass on a validated batch (what ``compile`` compiles)."""
     logits, tape = run_forward(plan, x, weights, propagators)
     rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     r_out, targets = _output_relevance(logits, target, output_relevance, rel_dtype)
-    relevance = run_relevance(plan, tape, r_out, backend, propagators)
-    return Explanation(relevance=relevance, logits=logits, targets=targets)
+    result = run_relevance(plan, tape, r_out, backend, propagators, keep_mass, safe)
+    return logits, targets, result
+
+
+def _check_target_logits(logits: torch.Tensor, targets: torch.Tensor,
+                         output_relevance: torch.Tensor | None) -> None:
+    """Refuse to explain a target logit that is not finite (nothing to redistribute)."""
+    if output_relevance is not None:  # the caller's start relevance, validated finite
+        return
+    bad = ~torch.isfinite(logits.gather(1, targets.view(-1, 1))).view(-1)
+    if bool(bad.any()):
+        samples = bad.nonzero().view(-1).tolist()
+        raise ValueError(f"the model's logits are not finite (NaN or Inf) for sample(s) "
+                         f"{samples[:10]}: there is no finite output to explain (inputs or "
+                         "weights beyond the model's numeric range?)")
+
+
+def _vanished(relevance: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+              output_relevance: torch.Tensor | None) -> torch.Tensor:
+    start = output_relevance if output_relevance is not None else \
+        logits.gather(1, targets.view(-1, 1))
+    alive = start.reshape(start.shape[0], -1).abs().sum(1) > 0
+    return (relevance.reshape(relevance.shape[0], -1).abs().sum(1) == 0) & alive.to(
+        relevance.device)
 
 
 def _forward_weights(step: Affine, dtype: torch.dtype, rel_dtype: torch.dtype) -> tuple:

@@ -546,7 +546,8 @@ def layer_diagnostics(explainer, x: torch.Tensor, target=None) -> list[LayerDiag
         logits, tape = run_forward(explainer._plan, x, weights, wrapped)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         r_out, _ = _output_relevance(logits, target, None, dtype)
-        run_relevance(explainer._plan, tape, r_out, explainer._backend, wrapped)
+        run_relevance(explainer._plan, tape, r_out, explainer._backend, wrapped,
+                      keep_mass=explainer._rule.keeps_mass)
     return log
 
 

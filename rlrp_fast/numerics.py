@@ -38,36 +38,61 @@ def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 class Rel(NamedTuple):
-    """Relevance ``value · scale`` with the per-sample ``scale`` not yet applied.
+    """Relevance on its way to the input.
 
-    R-LRP's renormalisation multiplies a whole layer by one number per sample; carrying it
-    lazily lets the next contraction apply it in its epilogue instead of a separate pass over
-    memory (every rule is positively homogeneous, so scales commute with propagation).
-    ``l1`` caches ``‖value‖₁`` per sample when the producer already computed it."""
+    With ``mass`` None (the classic rules) the relevance is ``value`` itself. With ``mass``
+    (R-LRP), it is ``value · mass / ‖value‖₁`` per sample: ``mass`` is its L1 norm, exactly,
+    and ``value`` only its direction. R-LRP is invariant to any positive per-sample factor on
+    a step's input or relevance, so the value may sit at whatever magnitude computes best;
+    carrying the mass apart keeps every value near the magnitude of the activations (never
+    that of the logits times the activations, which overflows float32) and applies each
+    renormalisation for free. ``l1`` caches ``‖value‖₁`` per sample when known."""
 
     value: torch.Tensor
-    scale: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
     l1: torch.Tensor | None = None
 
     def materialize(self) -> torch.Tensor:
-        if self.scale is None:
+        if self.mass is None:
             return self.value
-        return self.value * per_sample(self.scale, self.value)
+        # two per-sample factors: mass / ‖value‖₁ alone may overflow where each is finite
+        l1 = self.value_l1().clamp_min(torch.finfo(self.value.dtype).tiny)
+        return self.value / per_sample(l1, self.value) * per_sample(self.mass, self.value)
 
     def value_l1(self) -> torch.Tensor:
         return self.l1 if self.l1 is not None else l1_per_sample(self.value)
 
     def total_l1(self) -> torch.Tensor:
-        """``‖value · scale‖₁`` per sample."""
-        norm = self.value_l1()
-        return norm if self.scale is None else norm * self.scale
+        """``‖relevance‖₁`` per sample."""
+        return self.mass if self.mass is not None else self.value_l1()
+
+    def unit_scale(self) -> torch.Tensor | None:
+        """``1 / ‖value‖₁`` per sample (0 for an all-zero value), or None without a mass:
+        the factor that makes the value a direction of unit L1 before a contraction."""
+        if self.mass is None:
+            return None
+        return safe_ratio(torch.ones_like(self.mass), self.value_l1())
 
     def __add__(self, other: "Rel") -> "Rel":
-        """A fork: relevance arriving from two consumers is summed.
+        """A fork: relevance arriving from two consumers is summed; with masses (R-LRP), the
+        sum is rescaled to the sum of the arriving L1 masses (the spec's fork rule).
 
         Works in place on ``self.value``: a relevance value belongs to exactly one slot."""
-        summed = self.value if self.scale is None else \
-            self.value.mul_(per_sample(self.scale, self.value))
-        if other.scale is None:
-            return Rel(summed.add_(other.value))
-        return Rel(summed.addcmul_(other.value, per_sample(other.scale, other.value)))
+        if self.mass is None:
+            return Rel(self.value.add_(other.value))
+        mass = self.mass + other.mass
+        # each direction weighted by its share of the mass: the sum has L1 ≤ 1
+        w_self = safe_ratio(safe_ratio(self.mass, mass), self.value_l1())
+        w_other = safe_ratio(safe_ratio(other.mass, mass), other.value_l1())
+        summed = self.value.mul_(per_sample(w_self, self.value))
+        return Rel(summed.addcmul_(other.value, per_sample(w_other, other.value)), mass)
+
+
+def share_mass(parts: list[torch.Tensor], mass: torch.Tensor | None) -> list[Rel]:
+    """Relevance values that split one relevance: with a ``mass``, each part gets the share
+    of it that its L1 norm is of the parts' total (one joint scalar per sample)."""
+    if mass is None:
+        return [Rel(p) for p in parts]
+    norms = [l1_per_sample(p) for p in parts]
+    total = sum(norms)
+    return [Rel(p, mass * safe_ratio(n, total), n) for p, n in zip(parts, norms)]

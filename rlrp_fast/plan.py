@@ -173,6 +173,8 @@ class Plan:
     input_slot: int
     output_slot: int
     num_slots: int
+    # per slot, the traced node whose value it holds (trace verification compares them)
+    slot_nodes: tuple[str | None, ...] = ()
 
     def consumers(self) -> dict[int, list[int]]:
         """Slot → indices of the steps that read it (as a tensor input or an argument)."""

@@ -590,10 +590,15 @@ def _l1(t: torch.Tensor) -> torch.Tensor:
 
 def _renormalise(r_tilde: torch.Tensor, r_z: torch.Tensor) -> torch.Tensor:
     """``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` per sample; 0 where ``‖R̃_a‖₁ = 0``."""
-    num, den = _l1(r_z), _l1(r_tilde)
-    factor = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+    return _rescale(r_tilde, _l1(r_z))
+
+
+def _rescale(t: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """``t`` scaled per sample to L1 norm ``mass``; 0 where ``t`` is all 0."""
+    den = _l1(t)
+    factor = torch.where(den > 0, mass / torch.where(den > 0, den, torch.ones_like(den)),
                          torch.zeros_like(den))
-    return r_tilde * factor[:, None]
+    return t * factor.view(-1, *([1] * (t.dim() - 1)))
 
 
 def _route_by_index(fn, shapes: list[tuple[int, ...]], r_z: torch.Tensor) -> list[torch.Tensor]:
@@ -660,25 +665,38 @@ def _explain(plan, x, rule, target, output_relevance, trace, options):
 
     formulas = _formulas(plan, rule, options)
     records: list = []
-    rel: list = [None] * plan.num_slots
-    rel[plan.output_slot] = r_out
+    # per slot, the relevance arriving from each consumer (summed when the slot is read)
+    arrived: list[list[torch.Tensor]] = [[] for _ in range(plan.num_slots)]
+    arrived[plan.output_slot].append(r_out)
     for k in range(len(plan.steps) - 1, -1, -1):
         step = plan.steps[k]
-        r_z = rel[step.output]
-        if r_z is None or isinstance(step, Meta):
+        if not arrived[step.output] or isinstance(step, Meta):
             continue
+        r_z = _fork(arrived[step.output], rule)
         inputs = [fw.values[s] for s in step.inputs]
         if k in formulas:
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
         else:
             parts = _route_backward(step, r_z, inputs, fw.pool_indices.get(k), fw.values)
+            if rule == "rlrp" and isinstance(step, MaxPool):
+                # overlapping windows may sum opposite signs: keep the arriving L1 mass
+                parts = [_renormalise(parts[0], r_z)]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         for slot, part in zip(step.inputs, parts):
-            rel[slot] = part if rel[slot] is None else rel[slot] + part  # fork: sum
-    relevance = rel[plan.input_slot]
-    if relevance is None:
+            arrived[slot].append(part)
+    if not arrived[plan.input_slot]:
         raise ValueError("the model's output does not depend on its input")
+    relevance = _fork(arrived[plan.input_slot], rule)
     return (relevance, logits, records) if trace else (relevance, logits)
+
+
+def _fork(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """Relevance of a tensor read by several consumers: the sum of what each sends back; for
+    R-LRP rescaled to the sum of their L1 norms (the spec's fork rule)."""
+    total = sum(parts)
+    if rule != "rlrp" or len(parts) == 1:
+        return total
+    return _rescale(total, sum(_l1(p) for p in parts))
 
 
 def _linear_backward(k, step, fw, r_z, formula_params, records, inputs):

@@ -18,7 +18,8 @@ from typing import Protocol, Sequence
 import torch
 
 from .backends import Backend
-from .numerics import Rel, l1_per_sample, per_channel, safe_ratio, stabilize
+from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, share_mass,
+                       stabilize)
 from .plan import Add, Affine, Plan, Pool, Scale, Step, scale_rows
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
@@ -47,9 +48,8 @@ class Propagator(Protocol):
     """Maps relevance ``r`` at a step's output to relevance at each of its inputs.
 
     ``inputs`` are the tensors that entered the step in the forward pass, ``z`` its output
-    (only kept when ``needs_output``). Relevance travels as :class:`Rel`: a value and a
-    per-sample scale not yet applied; every rule is positively homogeneous, so a propagator
-    works on ``r.value`` and passes the scale on (R-LRP folds it into its own)."""
+    (only kept when ``needs_output``). Relevance travels as :class:`Rel`; R-LRP's carries its
+    L1 mass apart from its value, the classic rules' is the value itself."""
 
     needs_output: bool
 
@@ -67,13 +67,16 @@ def _fixed_linear_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.T
 
 
 # -- R-LRP ---------------------------------------------------------------------------------
+# Relevance arrives with its L1 mass apart (``Rel.mass``): each step contracts the unit-L1
+# direction of the incoming value and hands the same mass on, which is the renormalisation
+# ``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` without a pass over memory.
 @dataclass(frozen=True)
 class RlrpAffine:
     """``R̃_a = a ⊙ (Wᵀ R_z)``, renormalised to ``‖R_z‖₁`` per sample.
 
-    The incoming scale is applied in the contraction's epilogue; the outgoing
-    renormalisation factor is left for the next contraction to apply. A folded BatchNorm
-    (``W' = s·W``) enters as ``W'ᵀ R = Wᵀ (s ⊙ R)``: no scaled weight copy is kept."""
+    The unit-L1 factor of the incoming value is applied in the contraction's epilogue. A
+    folded BatchNorm (``W' = s·W``) enters as ``W'ᵀ R = Wᵀ (s ⊙ R)``: no scaled weight copy
+    is kept."""
 
     weight: torch.Tensor
     channel_scale: torch.Tensor | None
@@ -87,8 +90,8 @@ class RlrpAffine:
             else:
                 g = g * per_channel(s, g)
         # ``a`` stays in the forward's dtype: backends upcast it on load (no fp32 copy)
-        r_tilde, l1 = backend.affine_contract_l1(step, weight, g, inputs[0], r.scale)
-        return [Rel(r_tilde, safe_ratio(r.total_l1(), l1), l1)]
+        r_tilde, l1 = backend.affine_contract_l1(step, weight, g, inputs[0], r.unit_scale())
+        return [Rel(r_tilde, r.mass, l1)]
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,9 @@ class RlrpFixedLinear:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        r_tilde = _fixed_linear_back(backend, step, r.value, inputs[0])
-        l1 = l1_per_sample(r_tilde)
-        return [Rel(r_tilde, safe_ratio(r.total_l1(), l1), l1)]
+        g = r.value * per_sample(r.unit_scale(), r.value)
+        r_tilde = _fixed_linear_back(backend, step, g, inputs[0])
+        return [Rel(r_tilde, r.mass, l1_per_sample(r_tilde))]
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,13 @@ class RlrpAddLinear:
 
     def __call__(self, backend, step, r, inputs, z):
         parts = [(u.to(r.value.dtype) * r.value).sum_to_size(u.shape) for u in inputs]
-        norms = [l1_per_sample(p) for p in parts]
-        factor = safe_ratio(r.total_l1(), sum(norms))
-        return [Rel(p, factor, n) for p, n in zip(parts, norms)]
+        return share_mass(parts, r.mass)
 
 
 @dataclass(frozen=True)
 class RlrpAddRatio:
-    """``skip="ratio"``: the paper's rule ``R_u = (u / y) ⊙ R_y``, 0 where ``y == 0``."""
+    """``skip="ratio"``: the paper's rule ``R_u = (u / y) ⊙ R_y``, 0 where ``y == 0``; not
+    renormalised, so the operands' masses are what the ratios give them."""
 
     needs_output = False
 
@@ -128,7 +130,11 @@ class RlrpAddRatio:
         nonzero = y != 0
         share = torch.where(nonzero, r.value / torch.where(nonzero, y, torch.ones_like(y)),
                             torch.zeros_like(y))
-        return [Rel((u * share).sum_to_size(u.shape), r.scale) for u in ups]
+        parts = [(u * share).sum_to_size(u.shape) for u in ups]
+        norms = [l1_per_sample(p) for p in parts]
+        # the parts are in the incoming value's units: the incoming mass per unit of value
+        per_unit = safe_ratio(r.mass, r.value_l1())
+        return [Rel(p, n * per_unit, n) for p, n in zip(parts, norms)]
 
 
 # -- zennit's rules ------------------------------------------------------------------------
@@ -142,8 +148,8 @@ class Norm:
     def __call__(self, backend, step, r, inputs, z):
         g = r.value / stabilize(z.to(r.value.dtype), self.stabilizer)
         if isinstance(step, Add):
-            return [Rel((u.to(g.dtype) * g).sum_to_size(u.shape), r.scale) for u in inputs]
-        return [Rel(_fixed_linear_back(backend, step, g, inputs[0]), r.scale)]
+            return [Rel((u.to(g.dtype) * g).sum_to_size(u.shape)) for u in inputs]
+        return [Rel(_fixed_linear_back(backend, step, g, inputs[0]))]
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class Epsilon:
     def __call__(self, backend, step, r, inputs, z):
         a = inputs[0]
         return [Rel(backend.affine_contract(step, self.weight, r.value, a.shape, a, z=z,
-                                            eps=self.epsilon), r.scale)]
+                                            eps=self.epsilon))]
 
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -204,7 +210,7 @@ class TwoSignTerms:
                                                       z=zk, eps=self.stabilizer)
             term = term.mul_(coef) if coef != 1 else term
             out = term if out is None else out.add_(term)
-        return [Rel(out, r.scale)]
+        return [Rel(out)]
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,7 @@ class ZBox:
         g = t / stabilize(zb, self.stabilizer)
         return [Rel(backend.affine_contract(step, self.weight, g, a.shape, a)
                     - backend.affine_contract(step, w_pos, g, a.shape, low)
-                    - backend.affine_contract(step, w_neg, g, a.shape, high), r.scale)]
+                    - backend.affine_contract(step, w_neg, g, a.shape, high))]
 
 
 @dataclass(frozen=True)
@@ -248,7 +254,7 @@ class InputFree:
         ones = torch.ones((), dtype=t.dtype, device=t.device).expand(shape)
         z_ones = backend.affine_forward(step, self.weight, self.bias, ones)
         return [Rel(backend.affine_contract(step, self.weight, t, shape, z=z_ones,
-                                            eps=self.stabilizer), r.scale)]
+                                            eps=self.stabilizer))]
 
 
 # -- building a rule -----------------------------------------------------------------------
@@ -258,6 +264,11 @@ class Rule:
 
     name: str
     options: dict
+
+    @property
+    def keeps_mass(self) -> bool:
+        """R-LRP: relevance carries its L1 mass, and forks keep the mass that arrives."""
+        return self.name == "rlrp"
 
     def propagators(self, plan: Plan, dtype: torch.dtype) -> list[Propagator | None]:
         """One propagator per step of ``plan`` (None for routing steps), weights in ``dtype``."""
