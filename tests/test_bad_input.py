@@ -170,7 +170,7 @@ def test_bad_rule_and_options():
         rlrp_fast.Explainer(model, skip="sum")
     with pytest.raises(ValueError, match="needs the input's bounds"):
         rlrp_fast.Explainer(model, rule="EpsilonGammaBox")
-    with pytest.raises(ValueError, match="epsilon must be a non-negative number"):
+    with pytest.raises(ValueError, match="epsilon must be a non-negative finite number"):
         rlrp_fast.Explainer(model, rule="epsilon", epsilon=-1)
     with pytest.raises(ValueError, match="alpha - beta == 1"):
         rlrp_fast.Explainer(model, rule="alphabeta", alpha=3, beta=1)
@@ -194,3 +194,124 @@ def test_zbox_bounds_that_do_not_broadcast():
     scalar = rlrp_fast.Explainer(model, rule="EpsilonGammaBox", low=-1.0,
                                  high=1.0).explain(X).relevance
     torch.testing.assert_close(per_channel, scalar)
+
+
+# -- rule options: NaN/inf, bad bounds, low > high ------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("rule, options, name", [
+    ("epsilon", {"epsilon": NAN}, "epsilon"),
+    ("epsilon", {"epsilon": INF}, "epsilon"),
+    ("EpsilonPlus", {"epsilon": 2 ** 2000}, "epsilon"),  # an int no float can hold
+    ("gamma", {"gamma": NAN}, "gamma"),
+    ("gamma", {"gamma": INF}, "gamma"),
+    ("zplus", {"stabilizer": NAN}, "stabilizer"),
+    ("flat", {"stabilizer": INF}, "stabilizer"),
+    ("alphabeta", {"alpha": NAN, "beta": NAN}, "alpha"),  # NaN - NaN passed alpha - beta == 1
+    ("alphabeta", {"alpha": INF, "beta": INF}, "alpha"),
+    ("alphabeta", {"alpha": 2.0, "beta": NAN}, "beta"),
+    ("epsilon", {"epsilon": torch.tensor(0.1)}, "epsilon"),
+    ("epsilon", {"epsilon": True}, "epsilon"),
+])
+def test_non_finite_rule_option(rule, options, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be a non-negative finite number"):
+        rlrp_fast.Explainer(small_cnn(), rule=rule, **options)
+
+
+@pytest.mark.parametrize("low, high, match", [
+    (NAN, 1.0, "^low must be finite"),
+    (-1.0, INF, "^high must be finite"),
+    (-INF, 1.0, "^low must be finite"),
+    (torch.tensor([0.0, NAN, 0.0]), 1.0, "^low must be finite"),
+    ("0", 1.0, "^low must be a real number"),
+    (0.0, "1", "^high must be a real number"),
+    (1j, 2.0, "^low must be a real number"),
+    (torch.zeros(3, dtype=torch.complex64), 1.0, "^low must be a real number"),
+    (True, 2.0, "^low must be a real number"),
+    (torch.zeros(3, dtype=torch.bool), 1.0, "^low must be a real number"),
+    ([0.0, "a", 0.0], 1.0, "^low must be a real number"),
+    ([[0.0], [0.0, 1.0]], 1.0, "^low must be a real number"),
+    (object(), 1.0, "^low must be a real number"),
+    (torch.zeros(3, device="meta"), 1.0, "^low is a meta tensor"),
+    (0.0, None, "needs the input's bounds"),
+    (None, 1.0, "needs the input's bounds"),
+    (torch.zeros(2), torch.ones(3), r"^low of shape \(2,\) and high of shape \(3,\) do not"),
+])
+@pytest.mark.parametrize("rule", ["zbox", "EpsilonGammaBox"])
+def test_bad_zbox_bounds(rule, low, high, match):
+    with pytest.raises(ValueError, match=match):
+        rlrp_fast.Explainer(small_cnn(), rule=rule, low=low, high=high)
+
+
+@pytest.mark.parametrize("low, high, match", [
+    (1.0, -1.0, r"^low must not exceed high: low 1 > high -1$"),
+    (torch.tensor([-1.0, 2.0, -1.0]), torch.ones(3),
+     r"^low must not exceed high: low 2 > high 1 at index \(1,\)$"),
+    (-1.0, torch.tensor([1.0, 1.0, -2.0]).view(3, 1, 1),
+     r"^low must not exceed high: low -1 > high -2 at index \(2, 0, 0\)$"),
+])
+def test_low_above_high_at_construction(low, high, match):
+    with pytest.raises(ValueError, match=match):
+        rlrp_fast.Explainer(small_cnn(), rule="EpsilonGammaBox", low=low, high=high)
+
+
+def test_low_above_high_in_mixed_shapes_at_the_first_call():
+    """(C,) against (1, C, 1, 1): only the layer input says how they line up (C is
+    per channel here, both ways), so the check runs where the bounds meet it."""
+    low = torch.zeros(3)
+    good = rlrp_fast.Explainer(small_cnn(), rule="EpsilonGammaBox", low=low,
+                               high=torch.ones(1, 3, 1, 1))
+    assert torch.isfinite(good.explain(X).relevance).all()
+    bad = rlrp_fast.Explainer(small_cnn(), rule="EpsilonGammaBox", low=low,
+                              high=torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1))
+    with pytest.raises(ValueError, match=r"^low must not exceed high: low 0 > high -1 at "
+                                         r"index \(0, 1, 0, 0\)$"):
+        bad.explain(X)
+
+
+def test_a_vector_bound_on_an_image_is_per_channel_never_per_column():
+    """A vector as long as the image is wide broadcasts per column in plain torch; on an
+    image input it must be one bound per channel, so it is refused."""
+    explainer = rlrp_fast.Explainer(small_cnn(), rule="EpsilonGammaBox", low=-torch.ones(8),
+                                    high=torch.ones(8))
+    with pytest.raises(ValueError, match=r"^low of shape \(8,\) does not broadcast to the input "
+                                         r"\(2, 3, 8, 8\) .* one bound per channel \(3 here\)"):
+        explainer.explain(X)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 1, 1), (1, 3, 1, 1)])
+def test_zbox_per_channel_bounds_equal_zennit(shape):
+    """EpsilonGammaBox with per-channel bounds as users write them, ``(C,)``, ``(C, 1, 1)`` or
+    ``(1, C, 1, 1)``, equals zennit's ZBox given the same bounds as ``(1, C, 1, 1)``. The image
+    is as wide as it has channels, so bounds laid along the width would broadcast too and
+    give a different map."""
+    zennit = pytest.importorskip("zennit")
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonGammaBox
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 1, 3)).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.bias.normal_(0, 0.3)
+    x = torch.randn(2, 3, 7, 3, dtype=torch.float64)
+    low = torch.tensor([-4.5, -0.5, -6.0], dtype=torch.float64)
+    high = torch.tensor([0.5, 3.0, 1.0], dtype=torch.float64)
+    ours = rlrp_fast.Explainer(model, rule="EpsilonGammaBox", backend="torch",
+                               low=low.view(shape), high=high.view(shape)).explain(x)
+    r_out = torch.zeros_like(ours.logits).scatter_(
+        1, ours.targets[:, None], ours.logits.gather(1, ours.targets[:, None]))
+    composite = EpsilonGammaBox(low=low.view(1, 3, 1, 1), high=high.view(1, 3, 1, 1))
+    with Gradient(model=model, composite=composite) as attributor:
+        _, theirs = attributor(x, r_out)
+    l1 = lambda t: t.abs().sum((1, 2, 3))  # noqa: E731
+    assert (l1(theirs) > 0).all()
+    assert (l1(ours.relevance - theirs) / l1(theirs)).max() <= 1e-10
+    # the bounds matter: the same bounds laid along the width give another map
+    along_w = EpsilonGammaBox(low=low.view(1, 1, 1, 3), high=high.view(1, 1, 1, 3))
+    with Gradient(model=model, composite=along_w) as attributor:
+        _, wrong = attributor(x, r_out)
+    assert (l1(wrong - theirs) / l1(theirs)).max() > 1e-3
