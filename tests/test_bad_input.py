@@ -315,3 +315,80 @@ def test_zbox_per_channel_bounds_equal_zennit(shape):
     with Gradient(model=model, composite=along_w) as attributor:
         _, wrong = attributor(x, r_out)
     assert (l1(wrong - theirs) / l1(theirs)).max() > 1e-3
+
+
+# -- target and output_relevance: clear errors, never OverflowError/RuntimeError ------------
+@pytest.mark.parametrize("rule", ["rlrp", "gradient_x_input"])
+@pytest.mark.parametrize("target, error, match", [
+    (2 ** 70, ValueError, r"^target 1180591620717411303424 is out of range for 5 classes$"),
+    (-2 ** 70, ValueError, r"^target -1180591620717411303424 is out of range for 5 classes$"),
+    ([0, 2 ** 70], ValueError, r"^target 1180591620717411303424 is out of range$"),
+    (-3, ValueError, r"^target -3 is out of range for 5 classes$"),
+    (torch.tensor([1, -2]), ValueError, r"^target -2 is out of range for 5 classes$"),
+    (torch.tensor(-1), ValueError, r"^target -1 is out of range for 5 classes$"),
+    (torch.tensor([0, 1], device="meta"), ValueError, r"^target is a meta tensor"),
+    (torch.tensor(1, device="meta"), ValueError, r"^target is a meta tensor"),
+    (True, TypeError, r"^target must be None, an int or a tensor of class indices, got bool$"),
+    (1.0, TypeError, r"^target must be None, an int or a tensor of class indices, got float$"),
+    (torch.tensor([True, False]), TypeError, r"^target must hold integer class indices, got dtype torch\.bool$"),
+    (torch.tensor(1.0), TypeError, r"^target must hold integer class indices, got dtype torch\.float32$"),
+    ([0.5, 1.0], TypeError, r"^target must hold integer class indices"),
+    ([0, "a"], TypeError, r"^target must be None, an int or a tensor of class indices, got a list"),
+])
+def test_bad_target_is_a_clear_error(rule, target, error, match):
+    with pytest.raises(error, match=match):
+        rlrp_fast.Explainer(small_cnn(), rule=rule).explain(X, target=target)
+
+
+def test_numpy_int_target_is_an_int():
+    np = pytest.importorskip("numpy")
+    explainer = rlrp_fast.Explainer(small_cnn())
+    assert explainer.explain(X, target=np.int64(3)).targets.tolist() == [3, 3]
+    with pytest.raises(ValueError, match=r"^target 7 is out of range for 5 classes$"):
+        explainer.explain(X, target=np.int64(7))
+
+
+@pytest.mark.parametrize("rule", ["rlrp", "gradient_x_input"])
+@pytest.mark.parametrize("r_out, error, match", [
+    (torch.ones(2, 5, device="meta"), ValueError, r"^output_relevance is a meta tensor"),
+    (torch.ones(2, 5, dtype=torch.int64), TypeError,
+     r"^output_relevance must be a floating-point tensor, got dtype torch\.int64$"),
+    (torch.ones(2, 5, dtype=torch.bool), TypeError, r"^output_relevance must be a floating-point"),
+    (torch.ones(2, 5, dtype=torch.complex64), TypeError, r"^output_relevance must be a floating-point"),
+    (torch.ones(2, 5).to_sparse(), TypeError, r"^output_relevance must be a dense tensor"),
+    (torch.ones(5), ValueError, r"^output_relevance has shape \(5,\); expected \(2, classes\)"),
+    (torch.ones(3, 5), ValueError, r"^output_relevance has shape \(3, 5\); expected \(2, classes\)"),
+    (torch.ones(2, 4), ValueError, r"^output_relevance has shape \(2, 4\), the logits have \(2, 5\)$"),
+    (torch.full((2, 5), float("inf")), ValueError, r"^output_relevance contains NaN or Inf$"),
+    ([[1.0] * 5] * 2, TypeError, r"^output_relevance must be a tensor of the logits' shape, got list$"),
+])
+def test_bad_output_relevance_is_a_clear_error(rule, r_out, error, match):
+    with pytest.raises(error, match=match):
+        rlrp_fast.Explainer(small_cnn(), rule=rule).explain(X, output_relevance=r_out)
+
+
+def test_float16_output_relevance_is_taken():
+    explainer = rlrp_fast.Explainer(small_cnn())
+    r_out = torch.zeros(2, 5)
+    r_out[:, 2] = 1.0
+    half = explainer.explain(X, output_relevance=r_out.half())
+    torch.testing.assert_close(half.relevance, explainer.explain(X, output_relevance=r_out).relevance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.parametrize("rule", ["rlrp", "gradient_x_input"])
+def test_target_and_output_relevance_on_another_device_are_moved(rule):
+    """Class indices and R_out are small: on another device they are copied to the model's,
+    and the result is the one they give on the model's own device."""
+    model = small_cnn()
+    explainer = rlrp_fast.Explainer(model, rule=rule)
+    expected = explainer.explain(X, target=torch.tensor([1, 3]))
+    moved = explainer.explain(X, target=torch.tensor([1, 3], device="cuda"))
+    torch.testing.assert_close(moved.relevance, expected.relevance)
+    assert moved.targets.device == X.device
+    r_out = torch.zeros(2, 5, device="cuda")
+    r_out[:, 4] = 1.0
+    from_cuda = explainer.explain(X, output_relevance=r_out)
+    torch.testing.assert_close(from_cuda.relevance,
+                               explainer.explain(X, output_relevance=r_out.cpu()).relevance)
+
