@@ -266,9 +266,29 @@ class Explainer:
     __call__ = explain
 
     def _gradient_x_input(self, x, target, output_relevance) -> Explanation:
+        """Gradient × input, dtypes as the R-LRP path: the forward (and so autograd's
+        backward) in ``x``'s dtype, with the model's floating parameters and buffers cast to
+        it for the call when they differ (the model is untouched), relevance in float32
+        (float64 for float64 input)."""
+        cast = any(t.is_floating_point() and t.dtype != x.dtype for t in self._tensors)
         with torch.inference_mode(False), torch.enable_grad():
             x_grad = x.detach().clone().requires_grad_(True)
-            logits = self.model(x_grad)
+            if not cast:
+                logits = self.model(x_grad)
+            else:
+                params = {name: t.to(x.dtype) if t.is_floating_point() else t
+                          for name, t in (*self.model.named_parameters(),
+                                          *self.model.named_buffers())}
+                try:
+                    logits = torch.func.functional_call(self.model, params, (x_grad,))
+                except RuntimeError as exc:
+                    first = (str(exc).splitlines() or [""])[0]
+                    if not any(w in first for w in ("Half", "BFloat16", "Double", "Float",
+                                                    "dtype", "type")):
+                        raise
+                    raise TypeError(
+                        f"the model could not run in {x.dtype} with its parameters cast to "
+                        f"it ({first}); pass x as {self._param_dtype}") from exc
             rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             r_out, targets = _output_relevance(logits.detach(), target, output_relevance,
                                                rel_dtype)

@@ -392,3 +392,90 @@ def test_target_and_output_relevance_on_another_device_are_moved(rule):
     torch.testing.assert_close(from_cuda.relevance,
                                explainer.explain(X, output_relevance=r_out.cpu()).relevance)
 
+
+# -- gradient × input in every input dtype, like the other rules ----------------------------
+def bn_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_(0, 0.3)
+        model[1].running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _gxi_of(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient × input through the model itself in ``x``'s dtype (a cast copy)."""
+    import copy
+    twin = copy.deepcopy(model).to(x.dtype)
+    xg = x.clone().requires_grad_(True)
+    logits = twin(xg)
+    r_out = torch.zeros_like(logits).scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+    (grad,) = torch.autograd.grad(logits, xg, r_out)
+    rel = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.to(rel) * grad.to(rel), logits.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_gradient_x_input_runs_in_the_inputs_dtype(dtype):
+    """As the R-LRP path: the forward in x's dtype on a float32 model, relevance in float32
+    (float64 for float64), logits in x's dtype; the model itself is untouched."""
+    model = bn_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = X.to(dtype)
+    explainer = rlrp_fast.Explainer(model, rule="gradient_x_input")
+    got = explainer.explain(x)
+    rel = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.relevance.dtype == rel and got.logits.dtype == dtype
+    assert got.relevance.dtype == rlrp_fast.Explainer(model).explain(x).relevance.dtype
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+    # the very computation of the model cast to x's dtype: not x upcast to float32
+    expected, logits = _gxi_of(model, x, got.targets)
+    torch.testing.assert_close(got.logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.relevance, expected, rtol=1e-6, atol=1e-9)
+    upcast, _ = _gxi_of(model, x.float(), got.targets)
+    assert (got.relevance.double() - upcast.double()).abs().max() > 1e-9
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k])
+    # close to float32 within the dtype's rounding
+    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float64: 1e-5}[dtype]
+    reference, _ = _gxi_of(model, X.double(), got.targets)
+    err = (got.relevance.double() - reference).abs().sum() / reference.abs().sum()
+    assert err < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_gradient_x_input_under_inference_mode_and_with_output_relevance(dtype):
+    model = bn_cnn()
+    explainer = rlrp_fast.Explainer(model, rule="gradient_x_input")
+    r_out = torch.zeros(2, 5, dtype=torch.float64)
+    r_out[:, 1] = 1.0
+    with torch.inference_mode():
+        got = explainer.explain(X.to(dtype), output_relevance=r_out)
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+
+
+def test_gradient_x_input_float32_input_on_a_float16_model():
+    model = bn_cnn().half()
+    got = rlrp_fast.Explainer(model, rule="gradient_x_input").explain(X)
+    assert got.logits.dtype == torch.float32 and got.relevance.dtype == torch.float32
+    expected, _ = _gxi_of(model, X, got.targets)
+    torch.testing.assert_close(got.relevance, expected, rtol=1e-6, atol=1e-9)
+    assert next(model.parameters()).dtype == torch.float16
+
+
+def test_gradient_x_input_model_that_cannot_run_in_the_dtype_says_what_to_do():
+    class FixedProjection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.proj = torch.randn(3, 2)  # a plain attribute: not cast with the parameters
+
+        def forward(self, x):
+            return self.fc(x) @ self.proj
+
+    explainer = rlrp_fast.Explainer(FixedProjection().eval(), rule="gradient_x_input")
+    assert explainer.explain(torch.randn(2, 4)).relevance.dtype == torch.float32
+    with pytest.raises(TypeError, match=r"^the model could not run in torch\.float16 .*; pass x "
+                                        r"as torch\.float32$"):
+        explainer.explain(torch.randn(2, 4, dtype=torch.float16))
