@@ -376,27 +376,32 @@ _BOUND_HELP = ("a real number or a tensor/sequence of real numbers (the lowest a
 
 def _check_bound(name: str, value) -> torch.Tensor:
     """``low``/``high`` as a float64 CPU tensor to check, or a ValueError naming it."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type == "meta":
-            raise ValueError(f"{name} is a meta tensor (it has no values); pass {_BOUND_HELP}")
-        kind = value.dtype
-    elif isinstance(value, (bool, complex, str, bytes)) or value is None:
-        kind = type(value).__name__
-    else:
-        try:
-            kind = torch.as_tensor(value).dtype
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            kind = None  # e.g. a Python int beyond int64: let float64 decide below
-    if kind == torch.bool or getattr(kind, "is_complex", False) or isinstance(kind, str):
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (it has no values); pass {_BOUND_HELP}")
+    if not _real_valued(value):
         raise ValueError(f"{name} must be {_BOUND_HELP}, got {_show(value)}")
     try:
-        as_float = torch.as_tensor(value, dtype=torch.float64, device="cpu")
-    except (TypeError, ValueError, RuntimeError, OverflowError):
+        as_float = torch.as_tensor(value, dtype=torch.float64, device="cpu").detach()
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # "a", [[0], [0, 1]], ...
         raise ValueError(f"{name} must be {_BOUND_HELP}, got {_show(value)}") from None
-    as_float = as_float.detach()
     if not torch.isfinite(as_float).all():
         raise ValueError(f"{name} must be finite, got {_show(value)}")
     return as_float
+
+
+def _real_valued(value) -> bool:
+    """False for what a float64 cast would silently accept: bools, complex (imaginary part
+    dropped); None and strings fail the cast itself."""
+    if isinstance(value, (bool, complex, str, bytes)) or value is None:
+        return False
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+    else:
+        try:
+            dtype = torch.as_tensor(value).dtype
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            return True  # e.g. an int beyond int64: the float64 cast decides
+    return dtype != torch.bool and not dtype.is_complex
 
 
 def _show(value) -> str:
