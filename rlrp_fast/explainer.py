@@ -1,6 +1,7 @@
 """The public API: :class:`Explainer`, :func:`explain`, :class:`Explanation`."""
 from __future__ import annotations
 
+import numbers
 import threading
 import warnings
 from dataclasses import dataclass
@@ -169,21 +170,54 @@ class Explainer:
 
     @staticmethod
     def _check_target(target, n: int) -> torch.Tensor | int | None:
-        if target is None or isinstance(target, int) and not isinstance(target, bool):
-            return target
+        if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+            return int(target)  # any size (numpy ints too): the range is checked on the logits
+        if target is None:
+            return None
         if isinstance(target, (list, tuple)):
-            target = torch.tensor(target)
+            huge = [v for v in target if isinstance(v, int) and not -2**63 <= v < 2**63]
+            if huge:  # torch.tensor would raise "Overflow when unpacking long long"
+                raise ValueError(f"target {huge[0]} is out of range")
+            try:
+                target = torch.tensor(target)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"target must be None, an int or a tensor of class indices, "
+                                f"got a {type(target).__name__} torch cannot convert ({exc})"
+                                ) from None
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be None, an int or a tensor of class indices, "
                             f"got {type(target).__name__}")
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        if target.device.type == "meta":
+            raise ValueError("target is a meta tensor (it has no values); pass class indices")
         if target.dim() == 0:
             return int(target)
         if target.shape != (n,):
             raise ValueError(f"target must have shape ({n},) (one class per sample), got "
                              f"{tuple(target.shape)}")
         return target
+
+    @staticmethod
+    def _check_output_relevance(output_relevance, n: int) -> None:
+        """A dense, finite, floating ``(n, classes)`` tensor with values (any device: it is
+        copied to the model's; its columns are checked against the logits after the forward)."""
+        if not isinstance(output_relevance, torch.Tensor):
+            raise TypeError("output_relevance must be a tensor of the logits' shape, got "
+                            f"{type(output_relevance).__name__}")
+        if output_relevance.device.type == "meta":
+            raise ValueError("output_relevance is a meta tensor (it has no values)")
+        if output_relevance.layout != torch.strided:
+            raise TypeError(f"output_relevance must be a dense tensor, got layout "
+                            f"{output_relevance.layout}; call .to_dense() first")
+        if not output_relevance.is_floating_point():
+            raise TypeError(f"output_relevance must be a floating-point tensor, got dtype "
+                            f"{output_relevance.dtype}")
+        if output_relevance.dim() != 2 or output_relevance.shape[0] != n:
+            raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}; "
+                             f"expected ({n}, classes), the logits' shape")
+        if not torch.isfinite(output_relevance).all():
+            raise ValueError("output_relevance contains NaN or Inf")
 
     # -- the call ------------------------------------------------------------------------------
     def explain(self, x: torch.Tensor, target: int | torch.Tensor | None = None,
@@ -205,10 +239,7 @@ class Explainer:
             raise ValueError("pass either target or output_relevance, not both")
         target = self._check_target(target, x.shape[0])
         if output_relevance is not None:
-            if not isinstance(output_relevance, torch.Tensor):
-                raise TypeError("output_relevance must be a tensor of the logits' shape")
-            if not torch.isfinite(output_relevance).all():
-                raise ValueError("output_relevance contains NaN or Inf")
+            self._check_output_relevance(output_relevance, x.shape[0])
         if self._plan is None:
             return self._gradient_x_input(x, target, output_relevance)
         propagators, weights = self._prepare(x.dtype)
@@ -266,9 +297,29 @@ class Explainer:
     __call__ = explain
 
     def _gradient_x_input(self, x, target, output_relevance) -> Explanation:
+        """Gradient × input, dtypes as the R-LRP path: the forward (and so autograd's
+        backward) in ``x``'s dtype, with the model's floating parameters and buffers cast to
+        it for the call when they differ (the model is untouched), relevance in float32
+        (float64 for float64 input)."""
+        cast = any(t.is_floating_point() and t.dtype != x.dtype for t in self._tensors)
         with torch.inference_mode(False), torch.enable_grad():
             x_grad = x.detach().clone().requires_grad_(True)
-            logits = self.model(x_grad)
+            if not cast:
+                logits = self.model(x_grad)
+            else:
+                params = {name: t.to(x.dtype) if t.is_floating_point() else t
+                          for name, t in (*self.model.named_parameters(),
+                                          *self.model.named_buffers())}
+                try:
+                    logits = torch.func.functional_call(self.model, params, (x_grad,))
+                except RuntimeError as exc:
+                    first = (str(exc).splitlines() or [""])[0]
+                    if not any(w in first for w in ("Half", "BFloat16", "Double", "Float",
+                                                    "dtype", "type")):
+                        raise
+                    raise TypeError(
+                        f"the model could not run in {x.dtype} with its parameters cast to "
+                        f"it ({first}); pass x as {self._param_dtype}") from exc
             rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             r_out, targets = _output_relevance(logits.detach(), target, output_relevance,
                                                rel_dtype)
@@ -337,6 +388,8 @@ def _output_relevance(logits: torch.Tensor, target, output_relevance, dtype: tor
     if target is None:
         targets = logits.argmax(dim=1)
     elif isinstance(target, int):
+        if not 0 <= target < classes:  # before torch.full: 2**70 overflows int64
+            raise ValueError(f"target {target} is out of range for {classes} classes")
         targets = torch.full((n,), target, dtype=torch.long, device=logits.device)
     else:
         targets = target.to(device=logits.device, dtype=torch.long)

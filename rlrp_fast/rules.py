@@ -12,6 +12,8 @@ to fold into is a fixed diagonal linear map and gets ``Norm`` too (zennit has no
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -228,8 +230,7 @@ class ZBox:
     def __call__(self, backend, step, r, inputs, z):
         t = r.value
         a = inputs[0].to(t.dtype)
-        low = _bound_like(self.low, a, "low")
-        high = _bound_like(self.high, a, "high")
+        low, high = _bounds_like(self.low, self.high, a)
         w_pos, w_neg = self.weight.clamp(min=0), self.weight.clamp(max=0)
         zb = (z.to(t.dtype) - backend.affine_forward(step, w_pos, _pos(self.bias), low)
               - backend.affine_forward(step, w_neg, _neg(self.bias), high))
@@ -343,18 +344,94 @@ def _bound(value, dtype, device) -> torch.Tensor:
 def _bound_like(bound: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
     """``low``/``high`` broadcast to the layer input ``a`` ``(N, C, ...)``: a scalar, a
     per-channel ``(C,)`` vector, or a tensor broadcastable with or without the batch dim
-    (zennit's ``(1, C, 1, 1)`` and ``(C, 1, 1)`` both work)."""
+    (zennit's ``(1, C, 1, 1)`` and ``(C, 1, 1)`` both work). On a ``(N, features)`` input a
+    ``(features,)`` vector is one bound per feature."""
+    given = tuple(bound.shape)
     bound = bound.to(a.dtype)
-    if bound.dim() == 1 and a.dim() > 2 and bound.numel() == a.shape[1]:
+    if bound.dim() == 1 and a.dim() > 2:
+        # a vector on an image is per channel (never per column, which also broadcasts)
+        if bound.numel() != a.shape[1]:
+            raise ValueError(f"{name} of shape {given} does not broadcast to the input "
+                             f"{tuple(a.shape)} of a layer the zB rule applies to: a vector "
+                             f"holds one bound per channel ({a.shape[1]} here)")
         bound = bound.view(1, -1, *([1] * (a.dim() - 2)))
     elif 0 < bound.dim() == a.dim() - 1:
         bound = bound.unsqueeze(0)
     try:
         return bound.expand_as(a)
     except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(bound.shape)} does not broadcast to the "
-                         f"first layer's input {tuple(a.shape)}; pass a scalar, a (C,) "
-                         "vector or a tensor shaped like one input") from None
+        raise ValueError(f"{name} of shape {given} does not broadcast to the input "
+                         f"{tuple(a.shape)} of a layer the zB rule applies to; pass a scalar, "
+                         "a (C,) vector or a tensor shaped like one input") from None
+
+
+def _bounds_like(low: torch.Tensor, high: torch.Tensor, a: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both bounds broadcast to ``a``, checked ``low <= high`` element by element (the check
+    ``make_rule`` cannot do when their shapes alone do not say how they line up)."""
+    low, high = _bound_like(low, a, "low"), _bound_like(high, a, "high")
+    if (low > high).any():
+        raise ValueError("low must not exceed high: " + _first_inversion(low, high))
+    return low, high
+
+
+def _first_inversion(low: torch.Tensor, high: torch.Tensor) -> str:
+    index = tuple(int(i) for i in (low > high).nonzero()[0])
+    where = f" at index {index}" if index else ""
+    return f"low {low[index].item():g} > high {high[index].item():g}{where}"
+
+
+_BOUND_HELP = ("a real number or a tensor/sequence of real numbers (the lowest and highest "
+               "possible input values: scalars, (C,) per channel, (C, 1, 1) or (1, C, 1, 1))")
+
+
+def _check_bound(name: str, value) -> torch.Tensor:
+    """``low``/``high`` as a float64 CPU tensor to check, or a ValueError naming it."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (it has no values); pass {_BOUND_HELP}")
+    if not _real_valued(value):
+        raise ValueError(f"{name} must be {_BOUND_HELP}, got {_show(value)}")
+    try:
+        as_float = torch.as_tensor(value, dtype=torch.float64, device="cpu").detach()
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # "a", [[0], [0, 1]], ...
+        raise ValueError(f"{name} must be {_BOUND_HELP}, got {_show(value)}") from None
+    if not torch.isfinite(as_float).all():
+        raise ValueError(f"{name} must be finite, got {_show(value)}")
+    return as_float
+
+
+def _real_valued(value) -> bool:
+    """False for what a float64 cast would silently accept: bools, complex (imaginary part
+    dropped); None and strings fail the cast itself."""
+    if isinstance(value, (bool, complex, str, bytes)) or value is None:
+        return False
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+    else:
+        try:
+            dtype = torch.as_tensor(value).dtype
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            return True  # e.g. an int beyond int64: the float64 cast decides
+    return dtype != torch.bool and not dtype.is_complex
+
+
+def _show(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_number(key: str, value) -> None:
+    """A non-negative, finite real number (not a bool, not a tensor)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        try:
+            ok = math.isfinite(float(value)) and value >= 0
+        except OverflowError:  # an int too large for a float
+            ok = False
+    if not ok:
+        raise ValueError(f"{key} must be a non-negative finite number, got {_show(value)}")
 
 
 def _first_affine(plan: Plan, conv_only: bool) -> Affine | None:
@@ -382,10 +459,20 @@ def make_rule(name: str, **options) -> Rule:
                          "per-channel tensors)")
     for key in ("epsilon", "stabilizer", "gamma", "alpha", "beta"):
         if key in merged:
-            value = merged[key]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{key} must be a non-negative number, got {value!r}")
+            _check_number(key, merged[key])
     if name == "alphabeta" and abs(merged["alpha"] - merged["beta"] - 1) > 1e-12:
         raise ValueError("alphabeta needs alpha - beta == 1 (as zennit)")
+    if "low" in allowed:
+        low, high = _check_bound("low", merged["low"]), _check_bound("high", merged["high"])
+        # the shapes line up without knowing the input when they have the same rank or one
+        # is a scalar; other pairs are checked where they meet the first layer's input
+        if low.dim() == high.dim() or low.dim() == 0 or high.dim() == 0:
+            try:
+                low, high = torch.broadcast_tensors(low, high)
+            except RuntimeError:
+                raise ValueError(f"low of shape {tuple(low.shape)} and high of shape "
+                                 f"{tuple(high.shape)} do not broadcast together") from None
+            if (low > high).any():
+                raise ValueError("low must not exceed high: " + _first_inversion(low, high))
     return Rule(name, merged)
 
