@@ -93,6 +93,7 @@ class Explainer:
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self._param_dtype = next((t.dtype for t in tensors if t.is_floating_point()),
                                  torch.float32)
+        self._tensors = tensors
         self._guard = ModelGuard(model)
         self._verify = verify
         self._verified: set[tuple] = set()  # (shape, dtype, device) the plan was checked on
