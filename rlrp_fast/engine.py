@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import Backend
+from .backends.torch_backend import pool_forward
 from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
                    Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
@@ -32,9 +33,6 @@ class Tape:
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
-_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d,
-                      3: F.adaptive_avg_pool3d}
 
 
 class StepError(ValueError):
@@ -61,15 +59,7 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
             return _affine(step, x, scale_rows(w, s).to(w.dtype), b)
         return _affine(step, x, w, None).mul_(per_channel(s, x)).add_(per_channel(b, x))
     if isinstance(step, Pool):
-        x = args[0]
-        p = step.params
-        if step.kind == "mean":
-            return x.mean(dim=p["dims"], keepdim=p["keepdim"])
-        if step.kind == "adaptive_avg":
-            return _ADAPTIVE_AVG_POOL[step.dims](x, p["output_size"])
-        extra = {} if step.dims == 1 else {"divisor_override": p["divisor_override"]}
-        return _AVG_POOL[step.dims](x, p["kernel_size"], p["stride"], p["padding"],
-                                    p["ceil_mode"], p["count_include_pad"], **extra)
+        return pool_forward(step, args[0])
     if isinstance(step, Scale):
         x = args[0]
         return (x * per_channel(step.scale.to(x.dtype), x)

@@ -25,9 +25,13 @@ slow: it is meant for the tiny models of the tests.
 
 Rules (same names and meaning as ``rules.py``):
 
-- ``"rlrp"`` (option ``skip="linear" | "ratio"``): ``c_ij = a_i w_ji R_j``, then
+- ``"rlrp"`` (options ``norm="layer" | "neuron"``, ``skip="linear" | "ratio"``):
+  ``c_ij = a_i w_ji R_j`` (``norm="layer"``) or ``c_ij = a_i w_ji R_j / s_j`` with
+  ``s_j = Σ_i |a_i w_ji|`` (``norm="neuron"``, 0 where ``s_j = 0``; not at adds), then
   ``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` per sample (0 when ``‖R̃_a‖₁ = 0``). With
   ``skip="ratio"`` an ``Add`` uses ``c = (u / y) R_y`` (0 where ``y == 0``), not renormalised.
+  A tensor read by several steps gets the sum of their relevance rescaled to the sum of their
+  L1 norms; so does a max-pool's input (overlapping windows).
 - The classic rules as zennit 0.5.1 defines them, on every ``Affine``: ``"lrp0"``,
   ``"epsilon"``, ``"zplus"``, ``"gamma"``, ``"alphabeta"``, ``"zbox"``, ``"flat"``,
   ``"wsquare"``; ``Norm`` (``c_ij = a_i m_ji R_j / stab(z_j)``) on ``Pool``, ``Scale`` and
@@ -54,7 +58,7 @@ DTYPE = torch.float64
 # Each rule's options with zennit 0.5.1's defaults (restated here, not imported: the
 # reference shares no code with the fast path).
 RULE_OPTIONS: dict[str, dict[str, object]] = {
-    "rlrp": {"skip": "linear"},
+    "rlrp": {"skip": "linear", "norm": "layer"},
     "lrp0": {},
     "epsilon": {"epsilon": 1e-6},
     "zplus": {"stabilizer": 1e-6},
@@ -435,6 +439,15 @@ def _c_rlrp(op, a, z, r, **_):
     return a[:, None, :] * op.matrix[None] * r[:, :, None]
 
 
+def _c_rlrp_neuron(op, a, z, r, **_):
+    """``c_ij = a_i · w_ji · R_j / s_j``, ``s_j = Σ_i |a_i · w_ji|`` (0 where ``s_j = 0``)."""
+    c = a[:, None, :] * op.matrix[None]
+    s = c.abs().sum(dim=2)
+    share = torch.where(s > 0, r / torch.where(s > 0, s, torch.ones_like(s)),
+                        torch.zeros_like(s))
+    return c * share[:, :, None]
+
+
 def _c_ratio(op, a, z, r, **_):
     """``skip="ratio"`` at an add: ``c_ij = a_i · m_ji · R_j / y_j``, 0 where ``y_j == 0``."""
     share = torch.where(z != 0, r / torch.where(z != 0, z, torch.ones_like(z)),
@@ -515,7 +528,7 @@ def _c_wsquare(op, a, z, r, stabilizer, **_):
     return sq[None] * (r / _stab(zw[None], stabilizer))[:, :, None]
 
 
-_CONTRIBUTIONS = {"rlrp": _c_rlrp, "ratio": _c_ratio, "norm": _c_epsilon, "lrp0": _c_epsilon,
+_CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ratio, "norm": _c_epsilon, "lrp0": _c_epsilon,
                   "epsilon": _c_epsilon, "zplus": _c_zplus, "alphabeta": _c_alphabeta,
                   "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare}
 
@@ -541,8 +554,10 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
         if not isinstance(step, (Affine, Pool, Scale, Add)):
             continue
         if rule == "rlrp":
-            ratio = isinstance(step, Add) and options["skip"] == "ratio"
-            out[k] = ("ratio", {}) if ratio else ("rlrp", {})
+            if isinstance(step, Add):  # adds never take the neuron form
+                out[k] = ("ratio", {}) if options["skip"] == "ratio" else ("rlrp", {})
+            else:
+                out[k] = ("rlrp_neuron" if options["norm"] == "neuron" else "rlrp", {})
             continue
         if not isinstance(step, Affine):
             out[k] = ("norm", {"eps": stab})
@@ -643,6 +658,8 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str = "rlrp",
         raise ValueError(f"rule {rule!r} needs low=... and high=... (the input's bounds)")
     if rule == "rlrp" and options["skip"] not in ("linear", "ratio"):
         raise ValueError(f"skip must be 'linear' or 'ratio', got {options['skip']!r}")
+    if rule == "rlrp" and options["norm"] not in ("layer", "neuron"):
+        raise ValueError(f"norm must be 'layer' or 'neuron', got {options['norm']!r}")
     with torch.no_grad():
         return _explain(plan, x, rule, target, output_relevance, trace, options)
 
@@ -709,7 +726,7 @@ def _linear_backward(k, step, fw, r_z, formula_params, records, inputs):
                   "high": _bound(params["high"], inputs[0])}
     c = contributions(formula, op, a, z, r, **params)
     r_tilde = c.sum(dim=1)                       # R̃_a[i] = Σ_j c_ij
-    r_a = _renormalise(r_tilde, r) if formula == "rlrp" else r_tilde
+    r_a = _renormalise(r_tilde, r) if formula in ("rlrp", "rlrp_neuron") else r_tilde
     records.append(LinearRecord(k, step.name, type(step).__name__, formula, a, z, op.bias,
                                 op.matrix, r, c, r_tilde, r_a))
     sizes = [math.prod(s) for s in op.in_shapes]

@@ -28,9 +28,14 @@ SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat"
 COMPOSITES = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat")
 RULES = ("rlrp", *SINGLE_RULES, *COMPOSITES)
 
+# R-LRP's reading of the paper by default: "layer" (divide by nothing, renormalise each layer)
+# or "neuron" (each neuron's contributions relative to their absolute sum); docs/EVALUATION.md
+# holds the measurement that decides it.
+DEFAULT_NORM = "layer"
+
 # Options each rule accepts, with defaults (zennit 0.5.1's defaults for the classic rules).
 _OPTIONS: dict[str, dict[str, object]] = {
-    "rlrp": {"skip": "linear"},
+    "rlrp": {"skip": "linear", "norm": DEFAULT_NORM},
     "lrp0": {},
     "epsilon": {"epsilon": 1e-6},
     "zplus": {"stabilizer": 1e-6},
@@ -74,37 +79,57 @@ def _fixed_linear_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.T
 # ``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` without a pass over memory.
 @dataclass(frozen=True)
 class RlrpAffine:
-    """``R̃_a = a ⊙ (Wᵀ R_z)``, renormalised to ``‖R_z‖₁`` per sample.
+    """``R̃_a = a ⊙ (Wᵀ R_z)`` (``norm="layer"``) or ``R̃_a = a ⊙ (Wᵀ (R_z / s))`` with
+    ``s = |W| |a|`` (``norm="neuron"``: each neuron splits its relevance by its inputs'
+    contributions relative to the sum of their absolute values; 0 where ``s = 0``),
+    renormalised to ``‖R_z‖₁`` per sample.
 
     The unit-L1 factor of the incoming value is applied in the contraction's epilogue. A
     folded BatchNorm (``W' = s·W``) enters as ``W'ᵀ R = Wᵀ (s ⊙ R)``: no scaled weight copy
-    is kept."""
+    is kept. ``abs_weight`` is ``|W|``, kept for ``norm="neuron"`` only (one copy of the
+    weights: a per-call ``abs`` would read them once more on every call)."""
 
     weight: torch.Tensor
     channel_scale: torch.Tensor | None
+    abs_weight: torch.Tensor | None = None
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
         weight, g, s = self.weight, r.value, self.channel_scale
+        a = inputs[0]
+        if self.abs_weight is not None:
+            den = backend.affine_forward(step, self.abs_weight, None, a.abs().to(g.dtype))
+            if s is not None:
+                den = den * per_channel(s.abs(), den)
+            g = safe_ratio(g, den)
         if s is not None:  # scale whichever is smaller, the weight or the relevance
             if weight.numel() < g.numel():
                 weight = scale_rows(weight, s)
             else:
                 g = g * per_channel(s, g)
         # ``a`` stays in the forward's dtype: backends upcast it on load (no fp32 copy)
-        r_tilde, l1 = backend.affine_contract_l1(step, weight, g, inputs[0], r.unit_scale())
+        r_tilde, l1 = backend.affine_contract_l1(step, weight, g, a, r.unit_scale())
         return [Rel(r_tilde, r.mass, l1)]
 
 
 @dataclass(frozen=True)
 class RlrpFixedLinear:
-    """The same rule for average pools, means and lone BatchNorms."""
+    """The same rule for average pools, means and lone BatchNorms (``neuron``: ``s = P|a|``,
+    for a lone BatchNorm ``|scale · a|``, so it passes ``sign(scale · a) ⊙ R``)."""
 
+    neuron: bool = False
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        a = inputs[0]
         g = r.value * per_sample(r.unit_scale(), r.value)
-        r_tilde = _fixed_linear_back(backend, step, g, inputs[0])
+        if self.neuron:
+            if isinstance(step, Pool):
+                den = backend.pool_forward(step, a.abs().to(g.dtype))
+            else:
+                den = (a.to(g.dtype) * per_channel(step.scale.to(g.dtype), g)).abs_()
+            g = safe_ratio(g, den)
+        r_tilde = _fixed_linear_back(backend, step, g, a)
         return [Rel(r_tilde, r.mass, l1_per_sample(r_tilde))]
 
 
@@ -281,12 +306,14 @@ class Rule:
             return None
         o = self.options
         if self.name == "rlrp":
+            neuron = o["norm"] == "neuron"
             if isinstance(step, Affine):
                 scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
-                return RlrpAffine(step.weight.to(dtype), scale)
-            if isinstance(step, Add):
+                weight = step.weight.to(dtype)
+                return RlrpAffine(weight, scale, weight.abs() if neuron else None)
+            if isinstance(step, Add):  # adds never take the neuron form (RLRP_SPEC.md)
                 return RlrpAddLinear() if o["skip"] == "linear" else RlrpAddRatio()
-            return RlrpFixedLinear()
+            return RlrpFixedLinear(neuron)
         if not isinstance(step, Affine):
             return Norm(o.get("stabilizer", 1e-6))
         return self._classic_affine(step, is_first, dtype)
@@ -453,6 +480,8 @@ def make_rule(name: str, **options) -> Rule:
     merged = {**allowed, **options}
     if name == "rlrp" and merged["skip"] not in ("linear", "ratio"):
         raise ValueError(f"skip must be 'linear' or 'ratio', got {merged['skip']!r}")
+    if name == "rlrp" and merged["norm"] not in ("layer", "neuron"):
+        raise ValueError(f"norm must be 'layer' or 'neuron', got {merged['norm']!r}")
     if "low" in allowed and (merged["low"] is None or merged["high"] is None):
         raise ValueError(f"rule {name!r} needs the input's bounds: pass low=... and high=... "
                          "(the lowest and highest possible input values, scalars or "

@@ -326,19 +326,25 @@ def tv_model(request):
     return fold_batchnorm(randomized(request.param, seed=2))
 
 
+RULE_OPTIONS = {"rlrp": {"rule": "rlrp", "norm": "layer"},
+                "rlrp-neuron": {"rule": "rlrp", "norm": "neuron"},
+                "epsilon": {"rule": "epsilon"}}
+
+
 @needs_cpp
-@pytest.mark.parametrize("rule", ["rlrp", "epsilon"])
+@pytest.mark.parametrize("rule", list(RULE_OPTIONS))
 def test_explainer_matches_torch_backend(tv_model, rule):
     x = torch.randn(2, 3, 64, 64)
-    cpp = rlrp_fast.Explainer(tv_model, rule=rule, backend="cpp")(x).relevance
-    ref = rlrp_fast.Explainer(tv_model, rule=rule, backend="torch")(x).relevance.double()
+    options = RULE_OPTIONS[rule]
+    cpp = rlrp_fast.Explainer(tv_model, backend="cpp", **options)(x).relevance
+    ref = rlrp_fast.Explainer(tv_model, backend="torch", **options)(x).relevance.double()
     assert torch.isfinite(cpp).all()
     if rule == "epsilon":
         assert _rel_l1(cpp, ref) <= FP32_EPSILON_TOL
         return
     assert _rel_l1(cpp, ref) <= FP32_MODEL_TOL
     model64 = copy.deepcopy(tv_model).double()
-    cpp64 = rlrp_fast.Explainer(model64, rule=rule, backend="cpp")(x.double()).relevance
-    ref64 = rlrp_fast.Explainer(model64, rule=rule, backend="torch")(x.double()).relevance
+    cpp64 = rlrp_fast.Explainer(model64, backend="cpp", **options)(x.double()).relevance
+    ref64 = rlrp_fast.Explainer(model64, backend="torch", **options)(x.double()).relevance
     assert _rel_l1(cpp64, ref64) <= FP64_MODEL_TOL
     assert _rel_l1(cpp, ref64) <= FP32_MODEL_TOL

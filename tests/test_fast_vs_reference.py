@@ -32,6 +32,9 @@ FP64_TOL = 1e-10  # float64 fast path vs float64 reference
 RULE_CASES = [
     ("rlrp", {}),
     ("rlrp", {"skip": "ratio"}),
+    ("rlrp", {"norm": "layer"}),
+    ("rlrp", {"norm": "neuron"}),
+    ("rlrp", {"norm": "neuron", "skip": "ratio"}),
     ("lrp0", {}),
     ("epsilon", {}),
     ("epsilon", {"epsilon": 0.25}),

@@ -159,7 +159,8 @@ def test_each_neuron_passes_on_its_relevance_times_z_minus_b(seed, skip):
     """``Σ_i c_ij = (z_j − b_j)·R_j`` for every neuron of every linear op (for the ratio
     rule at adds: ``Σ_i c_ij = R_j`` where ``y_j ≠ 0``); no other rule is checked here."""
     _, plan, x = _case(seed)
-    _, _, records = reference_explain(plan, x, rule="rlrp", skip=skip, trace=True)
+    _, _, records = reference_explain(plan, x, rule="rlrp", skip=skip, norm="layer",
+                                      trace=True)
     linear = [r for r in records if isinstance(r, LinearRecord)]
     assert linear
     for rec in linear:
@@ -176,6 +177,33 @@ def test_each_neuron_passes_on_its_relevance_times_z_minus_b(seed, skip):
             torch.testing.assert_close(
                 rec.c, rec.a[:, None, :] * rec.matrix[None] * rec.r_z[:, :, None],
                 rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("skip", ["linear", "ratio"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_neuron_reading_passes_each_neurons_relevance_in_l1(seed, skip):
+    """``norm="neuron"``: ``c_ij = a_i w_ji R_j / s_j`` with ``s_j = Σ_i |a_i w_ji|``, so
+    ``Σ_i |c_ij| = |R_j|`` where ``s_j > 0``, the signed sum is ``R_j`` times a factor
+    ``(z_j − b_j) / s_j`` in [−1, 1], and ``s_j = 0`` passes nothing. Adds keep the layer
+    form (the ratio rule under ``skip="ratio"``)."""
+    _, plan, x = _case(seed)
+    _, _, records = reference_explain(plan, x, rule="rlrp", norm="neuron", skip=skip,
+                                      trace=True)
+    neuron = [r for r in records if isinstance(r, LinearRecord) and r.formula == "rlrp_neuron"]
+    assert neuron
+    for rec in records:
+        if isinstance(rec, LinearRecord) and rec.kind == "Add":
+            assert rec.formula == ("ratio" if skip == "ratio" else "rlrp")
+    for rec in neuron:
+        s = (rec.a[:, None, :] * rec.matrix[None]).abs().sum(dim=2)
+        live = s > 0
+        passed = rec.c.abs().sum(dim=2)
+        torch.testing.assert_close(passed[live], rec.r_z.abs()[live], rtol=1e-12, atol=1e-300)
+        assert (rec.c.abs().sum(dim=2)[~live] == 0).all()
+        factor = torch.where(live, (rec.z - rec.bias) / torch.where(live, s, torch.ones_like(s)),
+                             torch.zeros_like(s))
+        assert (factor.abs() <= 1 + 1e-12).all()
+        torch.testing.assert_close(rec.c.sum(dim=2), factor * rec.r_z, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -342,9 +342,10 @@ FUZZ = list(itertools.product(range(0, 24, 3), [1e-40, 1e-6, 1.0, 1e12, 1e30],
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("norm", ["layer", "neuron"])
 @pytest.mark.parametrize("seed,magnitude,dtype", FUZZ,
                          ids=[f"{s}-{m:g}-{str(d)[6:]}" for s, m, d in FUZZ])
-def test_fuzz(seed, magnitude, dtype):
+def test_fuzz(seed, magnitude, dtype, norm):
     base, shape = random_model(seed)
     model = _inplace_variant(base) if seed % 2 else base
     model = model.to(dtype)
@@ -353,7 +354,7 @@ def test_fuzz(seed, magnitude, dtype):
     x = x.to(dtype)
     if not torch.isfinite(x).all() or (x == 0).all():
         pytest.skip(f"{magnitude:g} is outside {dtype}'s range")
-    explainer = rlrp_fast.Explainer(model)  # verify=True: plan logits == model logits
+    explainer = rlrp_fast.Explainer(model, norm=norm)  # verify: plan logits == model logits
     try:
         e = explainer.explain(x)
     except ValueError as exc:

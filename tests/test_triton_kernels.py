@@ -475,17 +475,23 @@ def _models():
     return {"cnn": (cnn, (3, 3, 13, 11)), "resnet": (resnet, (3, 3, 11, 12))}
 
 
+RULE_OPTIONS = {"rlrp": {"rule": "rlrp", "norm": "layer"},
+                "rlrp-neuron": {"rule": "rlrp", "norm": "neuron"},
+                "epsilon": {"rule": "epsilon"}}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rule", ["rlrp", "epsilon"])
+@pytest.mark.parametrize("rule", list(RULE_OPTIONS))
 @pytest.mark.parametrize("model_name", ["cnn", "resnet"])
 def test_explainer_triton_equals_torch(device, rule, model_name, kernel_calls):
     model, x_shape = _models()[model_name]
     model = _randomise(model).to(device)
     x = torch.randn(x_shape, device=device)
-    reference = rlrp_fast.Explainer(model, rule=rule, backend="torch")(x)
-    explainer = rlrp_fast.Explainer(model, rule=rule, backend="torch")
+    options = RULE_OPTIONS[rule]
+    reference = rlrp_fast.Explainer(model, backend="torch", **options)(x)
+    explainer = rlrp_fast.Explainer(model, backend="torch", **options)
     if device == "cuda":
-        explainer = rlrp_fast.Explainer(model, rule=rule, backend="triton")
+        explainer = rlrp_fast.Explainer(model, backend="triton", **options)
     else:  # the registry serves triton on cuda only; the interpreter runs on CPU tensors
         explainer._backend = TritonBackend()
     assert explainer.backend == "triton"

@@ -42,5 +42,9 @@ class Backend(ABC):
         ``R̃ = g_scale ⊙ a ⊙ (Wᵀ g)`` (``g_scale`` per sample, 1 when None)."""
 
     @abstractmethod
+    def pool_forward(self, step: Pool, x: torch.Tensor) -> torch.Tensor:
+        """``P x`` for a parameter-free linear map ``P`` (average pooling, mean)."""
+
+    @abstractmethod
     def pool_adjoint(self, step: Pool, g: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
         """``Pᵀ g`` for a parameter-free linear map ``P`` (average pooling, mean)."""

@@ -13,6 +13,21 @@ from .base import Backend
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d,
+                      3: F.adaptive_avg_pool3d}
+
+
+def pool_forward(step: Pool, x: torch.Tensor) -> torch.Tensor:
+    """``P x`` for a parameter-free linear step (the plan's forward and the rules use it)."""
+    p = step.params
+    if step.kind == "mean":
+        return x.mean(dim=p["dims"], keepdim=p["keepdim"])
+    if step.kind == "adaptive_avg":
+        return _ADAPTIVE_AVG_POOL[step.dims](x, p["output_size"])
+    extra = {} if step.dims == 1 else {"divisor_override": p["divisor_override"]}
+    return _AVG_POOL[step.dims](x, p["kernel_size"], p["stride"], p["padding"],
+                                p["ceil_mode"], p["count_include_pad"], **extra)
 
 
 def _output_padding(step: Affine, input_shape: torch.Size, g: torch.Tensor) -> list[int]:
@@ -55,6 +70,9 @@ class TorchBackend(Backend):
         if g_scale is not None:
             r.mul_(per_sample(g_scale, r))
         return r, l1_per_sample(r)
+
+    def pool_forward(self, step: Pool, x):
+        return pool_forward(step, x)
 
     def pool_adjoint(self, step: Pool, g, input_shape):
         like = g.new_empty(()).expand(input_shape)  # the ATen adjoints read only its shape
