@@ -77,7 +77,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"test accuracy: {result['accuracy'] * 100:.2f}%")
     print(f"explained {args.batch_size} images in {result['seconds'] * 1e3:.1f} ms: "
           f"{result['images_per_s']:.1f} images/s ({args.rule}, {args.device})")
-    print(f"heatmaps: {result['png']}")
+    print(f"heatmaps: {result['path']}")
     return 0
 
 

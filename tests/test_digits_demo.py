@@ -201,8 +201,10 @@ def test_cli_demo_writes_the_png_and_prints_accuracy_and_speed(tmp_path, capsys)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert out.is_file()
-    # 4 images -> a 2 x 2 grid of (input, heatmap) pairs.
-    assert imread(out).shape[:2] == _grid_pixels(4, 2)
+    # 4 images -> a 2 x 2 grid of (input, heatmap) pairs, with a title above and a colour bar below.
+    height, width = imread(out).shape[:2]
+    grid_height, grid_width = _grid_pixels(4, 2)
+    assert width == grid_width and height > grid_height + 100
     accuracy = float(captured.out.split("test accuracy:")[1].split("%")[0])
     assert accuracy > 95.0
     assert "images/s" in captured.out
@@ -213,11 +215,12 @@ def test_run_demo_returns_the_documented_fields(tmp_path):
     from rlrp_fast.demo import run_demo
 
     result = run_demo(out=tmp_path / "d.png", batch_size=3, n_show=8)
-    assert set(result) == {"accuracy", "images_per_s", "png", "seconds"}
+    assert set(result) == {"accuracy", "images_per_s", "path", "seconds"}
     assert result["accuracy"] > 0.95
     assert result["seconds"] > 0 and result["images_per_s"] == pytest.approx(3 / result["seconds"])
-    assert result["png"].is_absolute() and result["png"].is_file()
-    assert imread(result["png"]).shape[:2] == _grid_pixels(3, 2)  # n_show capped at batch_size
+    assert result["path"].is_absolute() and result["path"].is_file()
+    # n_show capped at batch_size: 3 images -> 2 pairs per row.
+    assert imread(result["path"]).shape[1] == _grid_pixels(3, 2)[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
