@@ -54,8 +54,11 @@ _FIGURE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"%PDF-")
 
 
 def _is_figure(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(1024)
+    try:
+        with path.open("rb") as f:
+            head = f.read(1024)
+    except OSError:  # unreadable: we cannot tell, so it needs --force like any foreign file
+        return False
     return head.startswith(_FIGURE_MAGIC) or b"<svg" in head
 
 
@@ -135,7 +138,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise _UsageError(
             "--device cuda requested but CUDA is not available on this machine; use --device cpu"
         )
-    out = _check_out(args.out, args.force)  # before any work: a bad path fails in milliseconds
+    try:
+        out = _check_out(args.out, args.force)  # before any work: a bad path fails in milliseconds
+    except OSError as err:  # e.g. a file name too long for the file system
+        raise _UsageError(f"--out {args.out!r}: {err.strerror or err}") from err
     from .demo import run_demo  # late: keeps `rlrp-fast --help` fast and free of data loading
 
     try:

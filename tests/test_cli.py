@@ -64,6 +64,7 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     ("missing/x.png", ["'missing' does not exist"]),
     ("x.bmp", ["'.bmp'", ".png, .jpg, .jpeg, .pdf, .svg"]),
     ("x", ["no extension"]),
+    ("a" * 300 + ".png", ["too long"]),
 ])
 def test_unwritable_out_is_a_one_line_error(in_tmp, no_demo, capsys, out, words):
     (in_tmp / "adir").mkdir()
