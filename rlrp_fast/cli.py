@@ -32,6 +32,7 @@ __all__ = ["main"]
 
 _PROG = "rlrp-fast"
 _USAGE_ERROR = 2  # argparse's own exit code for bad usage; we use it for every user error
+_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
 
 class _UsageError(Exception):
@@ -244,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as err:
         print(f"{_PROG} {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
         return _USAGE_ERROR
+    except KeyboardInterrupt:  # Ctrl-C during a long evaluate: a stop, not a crash
+        print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
+        return _INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -88,6 +88,14 @@ def test_a_failed_write_is_a_one_line_error(in_tmp, monkeypatch, capsys):
     _assert_one_line_error(*_run(["demo", "--out", "x.png"], capsys), "demo", "Permission denied")
 
 
+def test_ctrl_c_is_one_line_and_exit_code_130(in_tmp, monkeypatch, capsys):
+    def interrupted(**_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rlrp_fast.demo, "run_demo", interrupted)
+    code, out, err = _run(["demo", "--out", "x.png"], capsys)
+    assert code == 130 and out == "" and err == "rlrp-fast demo: interrupted\n"
+
+
 # ---------------------------------------------------------------- formats
 
 
