@@ -1,29 +1,104 @@
 """Command line: ``rlrp-fast <command> [options]`` (also ``python -m rlrp_fast``).
 
 Commands:
-  demo      explain the embedded digits CNN, print accuracy and speed, write a PNG of heatmaps.
+  demo      explain the embedded digits CNN, print accuracy and speed, write a figure of heatmaps
+            (.png, .jpg, .pdf or .svg, from --out's extension).
   evaluate  faithfulness table (region perturbation, insertion/deletion) of every method on
             the embedded digits CNN.
 
 The CLI is the only place in rlrp_fast that prints. User errors (bad options, no CUDA, unknown
-rule) end with one ``rlrp-fast <command>: error: ...`` line on stderr and exit code 2, not a traceback.
+rule, an --out that cannot or should not be written) end with one ``rlrp-fast <command>: error:
+...`` line on stderr and exit code 2, not a traceback.
+
+``demo --out`` does not overwrite, unless ``--force`` is given: a symbolic link (with --force the
+link itself is replaced, never its target), an existing file that is not a PNG, JPEG, PDF or SVG
+(by its content, not its name), or an existing file outside the current directory. A directory or
+another non-regular file is never overwritten.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
 
 import torch
+
+from . import __version__
+from .viz import figure_format
 
 __all__ = ["main"]
 
 _PROG = "rlrp-fast"
 _USAGE_ERROR = 2  # argparse's own exit code for bad usage; we use it for every user error
+_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
 
 class _UsageError(Exception):
     """A problem with the command line that the user can fix; reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(_USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+# Leading bytes of the files `demo` writes: an existing file that starts otherwise is not ours.
+_FIGURE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"%PDF-")
+
+
+def _is_figure(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(1024)
+    except OSError:  # unreadable: we cannot tell, so it needs --force like any foreign file
+        return False
+    return head.startswith(_FIGURE_MAGIC) or b"<svg" in head
+
+
+def _check_out(text: str, force: bool) -> Path:
+    """The --out path, or a _UsageError if it cannot be written or is not ours to overwrite."""
+    if not text:
+        raise _UsageError("--out is empty; give a file name such as rlrp_demo.png")
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or (path.is_dir() and not path.is_symlink()):
+        raise _UsageError(f"--out {text!r} is a directory; give a file name such as "
+                          f"{os.path.join(text, 'rlrp_demo.png')}")
+    try:
+        figure_format(path)
+    except ValueError as err:
+        raise _UsageError(f"--out {err}") from None
+    parent = path.parent
+    if not parent.is_dir():
+        why = "is not a directory" if parent.exists() else "does not exist"
+        raise _UsageError(f"--out {text!r}: {str(parent)!r} {why}")
+    if not os.access(parent, os.W_OK):
+        raise _UsageError(f"--out {text!r}: cannot write in {str(parent)!r}")
+    if path.is_symlink():
+        if not force:
+            raise _UsageError(f"--out {text!r} is a symbolic link; pass --force to replace the "
+                              "link (its target is left alone)")
+        return path
+    if not path.exists():
+        return path
+    if not path.is_file():
+        raise _UsageError(f"--out {text!r} exists and is not a regular file")
+    if force:
+        return path
+    if not _is_figure(path):
+        raise _UsageError(f"--out {text!r} exists and is not a PNG, JPEG, PDF or SVG file; "
+                          "pass --force to overwrite it")
+    if not path.resolve().is_relative_to(Path.cwd().resolve()):
+        raise _UsageError(f"--out {text!r} exists outside the current directory; pass --force "
+                          "to overwrite it")
+    return path
 
 
 def _positive_int(text: str) -> int:
@@ -39,11 +114,16 @@ def _positive_int(text: str) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="explain the embedded digits CNN and write a PNG of heatmaps",
+        help="explain the embedded digits CNN and write a figure of heatmaps",
         description="Explain a batch of test digits with the embedded CNN; print test accuracy, "
-        "explained images per second and the path of the PNG (inputs beside heatmaps).",
+        "explained images per second and the path of the figure (inputs beside heatmaps).",
     )
-    p.add_argument("--out", default="rlrp_demo.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--out", default="rlrp_demo.png",
+                   help="figure to write; the extension picks the format: .png, .jpg, .jpeg, "
+                   ".pdf or .svg (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out even if it is a symbolic link, a file that is not a "
+                   "figure, or a file outside the current directory")
     p.add_argument("--rule", default="rlrp", help="relevance rule (default: %(default)s)")
     p.add_argument("--backend", default="auto", help="engine backend (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=32,
@@ -59,30 +139,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise _UsageError(
             "--device cuda requested but CUDA is not available on this machine; use --device cpu"
         )
+    try:
+        out = _check_out(args.out, args.force)  # before any work: a bad path fails in milliseconds
+    except OSError as err:  # e.g. a file name too long for the file system
+        raise _UsageError(f"--out {args.out!r}: {err.strerror or err}") from err
     from .demo import run_demo  # late: keeps `rlrp-fast --help` fast and free of data loading
 
     try:
         result = run_demo(
-            out=args.out,
+            out=out,
             rule=args.rule,
             batch_size=args.batch_size,
             device=args.device,
             n_show=args.n_show,
             backend=args.backend,
         )
-    except (ValueError, NotImplementedError, ImportError, FileNotFoundError) as err:
+    except (ValueError, NotImplementedError, ImportError, OSError) as err:
         # The engine and the demo report user-fixable problems with these types and a message
-        # that names the culprit; a traceback would add nothing for a command-line user.
+        # that names the culprit (OSError: the figure could not be written, e.g. disk full);
+        # a traceback would add nothing for a command-line user.
         raise _UsageError(str(err)) from err
     print(f"test accuracy: {result['accuracy'] * 100:.2f}%")
     print(f"explained {args.batch_size} images in {result['seconds'] * 1e3:.1f} ms: "
           f"{result['images_per_s']:.1f} images/s ({args.rule}, {args.device})")
-    print(f"heatmaps: {result['png']}")
+    print(f"heatmaps: {result['path']}")
     return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import METHODS  # light: no data loading
+    from .digits import IMAGE_SIZE  # light: no data loading
+    from .evaluate import METHODS
 
     p = sub.add_parser(
         "evaluate",
@@ -98,7 +184,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="test images scored (default: %(default)s, at most 360)")
     p.add_argument("--methods", nargs="+", default=None, metavar="KEY",
                    help="subset of methods (default: all): " + ", ".join(m.key for m in METHODS))
-    p.add_argument("--patch-size", type=_positive_int, default=4, help="(default: %(default)s)")
+    p.add_argument("--patch-size", type=_positive_int, default=4,
+                   help=f"side of the square patches, in pixels of the {IMAGE_SIZE}x{IMAGE_SIZE} "
+                   f"model input, at most {IMAGE_SIZE - 1} (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=16,
                    help="perturbation steps per curve (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
@@ -111,6 +199,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise _UsageError(
             "--device cuda requested but CUDA is not available on this machine; use --device cpu"
         )
+    from .digits import IMAGE_SIZE
+
+    if args.patch_size >= IMAGE_SIZE:
+        # One patch covers the whole image: there is no order of patches to score.
+        raise _UsageError(f"--patch-size {args.patch_size} does not fit the {IMAGE_SIZE}x"
+                          f"{IMAGE_SIZE} model input (the 8x8 digits upsampled); use at most "
+                          f"{IMAGE_SIZE - 1}")
     import time
 
     from .evaluate import evaluate_default
@@ -120,7 +215,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         table, _ = evaluate_default(n_images=args.n_images, methods=args.methods,
                                     patch_size=args.patch_size, steps=args.steps,
                                     device=args.device, progress=not args.no_progress)
-    except (ValueError, NotImplementedError, ImportError, FileNotFoundError) as err:
+    except (ValueError, NotImplementedError, ImportError, OSError) as err:
         raise _UsageError(str(err)) from err
     print(f"embedded digits CNN, {args.n_images} test images, {args.patch_size}x"
           f"{args.patch_size} patches, {args.steps} steps ({time.perf_counter() - t0:.0f} s)")
@@ -129,9 +224,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=_PROG, description="Fast R-LRP explanations for PyTorch image classifiers."
-    )
+    parser = _Parser(prog=_PROG, description="Fast R-LRP explanations for PyTorch image classifiers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     _add_evaluate(sub)
@@ -149,8 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except _UsageError as err:
-        print(f"{_PROG} {args.command}: error: {err}", file=sys.stderr)
+        print(f"{_PROG} {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
         return _USAGE_ERROR
+    except KeyboardInterrupt:  # Ctrl-C during a long evaluate: a stop, not a crash
+        print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
+        return _INTERRUPTED
 
 
 if __name__ == "__main__":

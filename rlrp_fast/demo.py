@@ -2,7 +2,8 @@
 
 Loads the shipped :func:`rlrp_fast.digits.load_pretrained` model and the fixed test split,
 measures accuracy, explains one batch with :class:`rlrp_fast.Explainer`, times it, and writes a
-PNG of inputs beside their relevance heatmaps.
+figure of inputs beside their relevance heatmaps that reads on its own (title, column labels,
+colour bar, true and predicted class).
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any
 import torch
 
 from .digits import evaluate_accuracy, load_digits_split, load_pretrained
-from .viz import save_grid
+from .viz import figure_format, save_grid
 
 __all__ = ["run_demo"]
+
+_TIMED_CALLS = 3
 
 
 def _sync(device: torch.device) -> None:
@@ -41,22 +44,25 @@ def run_demo(
     n_show: int = 16,
     **rule_options: Any,
 ) -> dict[str, Any]:
-    """Explain ``batch_size`` test digits with ``rule`` and save a PNG of the first ``n_show``.
+    """Explain ``batch_size`` test digits with ``rule`` and draw the first ``n_show``.
 
     rule_options are passed to ``rlrp_fast.Explainer(model, rule=rule, **rule_options)`` (e.g.
     ``backend="torch"``). The explained batch is the first ``batch_size`` images of the fixed
-    test split; ``n_show`` is capped at ``batch_size``. Each panel title is
-    ``true <label> / pred <class>``.
+    test split; ``n_show`` is capped at ``batch_size``. ``out``'s extension picks the format
+    (``.png``, ``.jpg``, ``.pdf``, ``.svg``; see :func:`rlrp_fast.viz.save_grid`). The figure's
+    title names the model, the rule and the speed; each input is labelled with its true class,
+    each heatmap (the relevance for the predicted class) with the prediction.
 
     Returns a dict:
       accuracy      fraction (0..1) of the whole test split the model classifies correctly
-      images_per_s  explained images per second over one ``explain`` call on the batch, measured
-                    after one warm-up call (model forward + relevance pass)
-      seconds       wall time, in seconds, of that timed ``explain`` call
-      png           absolute ``Path`` of the PNG written
+      images_per_s  explained images per second of the fastest of 3 ``explain`` calls on the
+                    batch, after one warm-up call (model forward + relevance pass)
+      seconds       wall time, in seconds, of that fastest call
+      path          absolute ``Path`` of the figure written
     """
     from rlrp_fast import Explainer  # late import: the engine package imports nothing from here
 
+    figure_format(out)  # refuse an unsupported extension before any work
     dev = _check_device(device)
     _, _, x_test, y_test = load_digits_split()
     if not 1 <= batch_size <= len(x_test):
@@ -73,18 +79,35 @@ def run_demo(
     explainer = Explainer(model, rule=rule, **rule_options)
     x = x_test[:batch_size].to(dev)
     explainer.explain(x)  # warm-up: first-call costs (allocation, kernel compilation) are not speed
-    _sync(dev)
-    t0 = time.perf_counter()
-    explanation = explainer.explain(x)
-    _sync(dev)
-    seconds = time.perf_counter() - t0
+    seconds = float("inf")
+    for _ in range(_TIMED_CALLS):  # the fastest call: other load on the machine only adds time
+        _sync(dev)
+        t0 = time.perf_counter()
+        explanation = explainer.explain(x)
+        _sync(dev)
+        seconds = min(seconds, time.perf_counter() - t0)
 
-    predicted = explanation.logits.argmax(1).cpu()
-    titles = [f"true {int(t)} / pred {int(p)}" for t, p in zip(y_test[:n_show], predicted[:n_show])]
-    png = save_grid(x[:n_show].cpu(), explanation.relevance[:n_show].cpu(), out, titles=titles)
+    images_per_s = batch_size / seconds if seconds > 0 else float("inf")
+    true = y_test[:n_show].tolist()
+    predicted = explanation.logits.argmax(1)[:n_show].tolist()
+    rule_name = "R-LRP" if rule == "rlrp" else rule
+    wrong = [p != t for t, p in zip(true, predicted)]
+    path = save_grid(
+        x[:n_show].cpu(), explanation.relevance[:n_show].cpu(), out,
+        titles=[f"input · true {t}" for t in true],
+        # The relevance explains the predicted class, so the heatmap carries the prediction.
+        heatmap_titles=[f"relevance · pred {p}" + (" ✗" if w else "")
+                        for p, w in zip(predicted, wrong)],
+        title=f"Embedded digits CNN · {rule_name} · {images_per_s:,.0f} images/s "
+              f"(batch {batch_size}, {dev.type})\n"
+              f"{rule_name} relevance of each test digit for the class the model predicts"
+              + (" (✗: wrong prediction)" if any(wrong) else ""),
+        colorbar="red: evidence for the predicted class · blue: evidence against · "
+                 "each map scaled to its own max |R|",
+    )
     return {
         "accuracy": accuracy,
-        "images_per_s": batch_size / seconds if seconds > 0 else float("inf"),
-        "png": Path(png).resolve(),
+        "images_per_s": images_per_s,
+        "path": Path(path).resolve(),
         "seconds": seconds,
     }

@@ -151,6 +151,33 @@ def test_save_grid_puts_inputs_left_and_diverging_heatmaps_right(tmp_path):
     assert np.all(neutral > 0.9)  # zero -> white (centre of 'bwr')
 
 
+def test_save_grid_adds_a_title_band_and_a_colour_bar_blue_to_red(tmp_path):
+    images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    relevance = torch.zeros(2, 1, 32, 32)  # white maps: the only colour is the colour bar's
+    plain = imread(viz.save_grid(images, relevance, tmp_path / "plain.png", ncols=2))[..., :3]
+    full = imread(viz.save_grid(images, relevance, tmp_path / "full.png", ncols=2,
+                                titles=["true 1", "true 2"], heatmap_titles=["pred 1", "pred 2"],
+                                title="a title\non two lines", colorbar="caption"))[..., :3]
+    assert full.shape[1] == plain.shape[1]  # same panels, more height for the two bands
+    title_rows = round(2 * viz._line_inches(viz._TITLE_POINTS) * viz._DPI)  # two lines
+    assert full.shape[0] >= plain.shape[0] + round(viz._COLORBAR_INCHES * viz._DPI) + title_rows
+    top = full[:title_rows]
+    assert (top.min(axis=2) < 0.3).any()  # the title's text
+    red = (full[..., 0] > 0.8) & (full[..., 2] < 0.3)
+    blue = (full[..., 2] > 0.8) & (full[..., 0] < 0.3)
+    band = full.shape[0] - round(viz._COLORBAR_INCHES * viz._DPI)
+    for mask in (red, blue):
+        rows, _ = np.nonzero(mask)
+        assert rows.size > 100 and rows.min() >= band  # the colour bar, under the grid
+    assert np.nonzero(blue)[1].max() < np.nonzero(red)[1].min()  # -max|R| left, +max|R| right
+
+
+def test_save_grid_refuses_an_unknown_extension(tmp_path):
+    with pytest.raises(ValueError, match=r"'\.bmp'.*\.png, \.jpg, \.jpeg, \.pdf, \.svg"):
+        viz.save_grid(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), tmp_path / "g.bmp")
+    assert not any(tmp_path.iterdir())
+
+
 def test_heatmap_limit_is_max_abs_with_a_zero_guard():
     assert viz.heatmap_limit(np.array([[0.5, -2.0], [1.0, 0.0]])) == 2.0
     assert viz.heatmap_limit(np.zeros((4, 4))) == 1.0
@@ -174,8 +201,10 @@ def test_cli_demo_writes_the_png_and_prints_accuracy_and_speed(tmp_path, capsys)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert out.is_file()
-    # 4 images -> a 2 x 2 grid of (input, heatmap) pairs.
-    assert imread(out).shape[:2] == _grid_pixels(4, 2)
+    # 4 images -> a 2 x 2 grid of (input, heatmap) pairs, with a title above and a colour bar below.
+    height, width = imread(out).shape[:2]
+    grid_height, grid_width = _grid_pixels(4, 2)
+    assert width == grid_width and height > grid_height + 100
     accuracy = float(captured.out.split("test accuracy:")[1].split("%")[0])
     assert accuracy > 95.0
     assert "images/s" in captured.out
@@ -186,11 +215,12 @@ def test_run_demo_returns_the_documented_fields(tmp_path):
     from rlrp_fast.demo import run_demo
 
     result = run_demo(out=tmp_path / "d.png", batch_size=3, n_show=8)
-    assert set(result) == {"accuracy", "images_per_s", "png", "seconds"}
+    assert set(result) == {"accuracy", "images_per_s", "path", "seconds"}
     assert result["accuracy"] > 0.95
     assert result["seconds"] > 0 and result["images_per_s"] == pytest.approx(3 / result["seconds"])
-    assert result["png"].is_absolute() and result["png"].is_file()
-    assert imread(result["png"]).shape[:2] == _grid_pixels(3, 2)  # n_show capped at batch_size
+    assert result["path"].is_absolute() and result["path"].is_file()
+    # n_show capped at batch_size: 3 images -> 2 pairs per row.
+    assert imread(result["path"]).shape[1] == _grid_pixels(3, 2)[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
