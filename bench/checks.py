@@ -97,17 +97,19 @@ def check(model: nn.Module, spec: ModelSpec, keys: list[str], x: torch.Tensor,
             cache[rule] = _zennit(folded, spec, rule, x)
         return cache[rule]
 
-    ref_rlrp = _ours(model, "rlrp", x).relevance
+    refs = {norm: _ours(model, "rlrp", x, norm=norm).relevance for norm in ("layer", "neuron")}
     for key in keys:
         method = METHODS[key]
+        family, _, backend = key.partition("-")
+        ref = refs["neuron" if family == "neuron" else "layer"]
         if key in ("forward", "gxi"):
             out[key] = ("ok", None)  # the floor: plain PyTorch, nothing to compare with
-        elif key == "rlrp-torch":
-            nonzero = torch.isfinite(ref_rlrp).all() and ref_rlrp.abs().sum() > 0
+        elif family in ("rlrp", "neuron") and backend == "torch":
+            nonzero = torch.isfinite(ref).all() and ref.abs().sum() > 0
             out[key] = ("ok", None) if nonzero else ("broken (zero or non-finite)", None)
-        elif key.startswith("rlrp-"):  # as timed: the method's own set-up
+        elif family in ("rlrp", "neuron"):  # as timed: the method's own set-up
             guarded(key, lambda: _vs(method.setup(model, spec, x.device, dtype)(x),
-                                     ref_rlrp, tol_ours))
+                                     ref, tol_ours))
         elif method.family == "ours":  # our composite as timed, against zennit
             opts = {"low": spec.low, "high": spec.high} if key == "EpsilonGammaBox" else {}
             guarded(key, lambda: _vs(_ours(model, key, x.to(dtype), backend="auto",

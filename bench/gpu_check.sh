@@ -31,7 +31,7 @@ RLRP_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest -q -x -p no:cacheprovider \
   tests/test_triton_kernels.py tests/test_cuda_explainer.py 2>&1 | tail -20
 echo "correctness exit: ${PIPESTATUS[0]}"
 
-methods="forward gxi rlrp-torch rlrp-triton"
+methods="forward gxi rlrp-torch rlrp-triton neuron-triton"
 $PY -c "import zennit" 2>/dev/null && methods="$methods zennit-EpsilonPlus"
 for dtype in float32 bfloat16; do
   echo "== table, $dtype ($((SECONDS - start)) s)"

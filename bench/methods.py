@@ -179,6 +179,13 @@ METHODS = {m.key: m for m in [
            ours_dtype=True, backend="cpp"),
     Method("rlrp-triton", "rlrp_fast R-LRP [triton]", "ours", _ours("rlrp", "triton"),
            ("cuda",), ours_dtype=True, backend="triton"),
+    Method("neuron-torch", "rlrp_fast R-LRP norm=neuron [torch]", "ours",
+           _ours("rlrp", "torch", norm="neuron"), ours_dtype=True),
+    Method("neuron-cpp", "rlrp_fast R-LRP norm=neuron [cpp]", "ours",
+           _ours("rlrp", "cpp", norm="neuron"), ("cpu",), ours_dtype=True, backend="cpp"),
+    Method("neuron-triton", "rlrp_fast R-LRP norm=neuron [triton]", "ours",
+           _ours("rlrp", "triton", norm="neuron"), ("cuda",), ours_dtype=True,
+           backend="triton"),
     # compiles in the warm-up round (untimed): seconds on digits, a minute per batch on 224²
     Method("rlrp-compiled", "rlrp_fast R-LRP [cpp, compiled]", "ours",
            _ours("rlrp", "cpp", compile=True), ("cpu",), ours_dtype=True, backend="cpp",
@@ -195,6 +202,6 @@ METHODS = {m.key: m for m in [
 ]}
 
 DEFAULT_METHODS = ("forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-triton", "rlrp-compiled",
-                   "EpsilonPlus", "zennit-EpsilonPlus", "zennit-EpsilonGammaBox", "captum-LRP")
+                   "neuron-torch", "neuron-cpp", "neuron-triton", "EpsilonPlus", "zennit-EpsilonPlus", "zennit-EpsilonGammaBox", "captum-LRP")
 QUICK_METHODS = ("forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-triton",
                  "zennit-EpsilonPlus")

@@ -13,8 +13,8 @@ import torch  # noqa: E402
 from bench.methods import METHODS  # noqa: E402
 from bench.run import memory_of, run, table  # noqa: E402
 
-KEYS = ["forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-compiled", "EpsilonPlus",
-        "zennit-EpsilonPlus", "zennit-EpsilonGammaBox"]
+KEYS = ["forward", "gxi", "rlrp-torch", "rlrp-cpp", "rlrp-compiled", "neuron-torch",
+        "neuron-cpp", "EpsilonPlus", "zennit-EpsilonPlus", "zennit-EpsilonGammaBox"]
 
 
 def test_bench_table_on_digits():
