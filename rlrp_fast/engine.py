@@ -151,13 +151,18 @@ def value_range(dtype: torch.dtype) -> tuple[float, float]:
 
 def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
                   propagators: list[Propagator | None], keep_mass: bool = False,
-                  safe: bool = False) -> RelevancePass:
+                  safe: bool = False, repeat: int = 1) -> RelevancePass:
     """Walk the plan backwards from ``r_out`` (relevance at the output) to the input.
 
     ``keep_mass`` (R-LRP): relevance carries its L1 mass (``Rel.mass``) and forks keep the
     mass that arrives. ``safe``: before each step, scale its inputs and relevance to a
     maximum of 1 per sample (R-LRP is invariant to it), so that inputs from 1e-44 to 1e38
-    neither underflow nor overflow; slower, used when the plain pass was not ``healthy``."""
+    neither underflow nor overflow; slower, used when the plain pass was not ``healthy``.
+    ``repeat``: ``r_out`` has K = ``repeat`` rows per sample of the forward (row
+    ``n·K + k``); each step's tape entries are repeated to match when it is reached, so only
+    one step's activations exist K times at once."""
+    if repeat > 1:
+        tape = _repeated(tape, repeat)
     rel: list[Rel | None] = [None] * plan.num_slots
     mass = l1_per_sample(r_out) if keep_mass else None
     rel[plan.output_slot] = Rel(r_out, mass, mass)
@@ -168,6 +173,12 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
         if r is None or isinstance(step, Meta):
             continue
         rel[step.output] = None
+        if r.value.dim() == 0 or r.value.shape[0] != r_out.shape[0]:
+            raise NotImplementedError(
+                f"rlrp_fast explains each sample on its own, so it needs the batch as the "
+                f"first dimension of every tensor; {step.target!r} (node {step.name!r}) "
+                f"outputs shape {tuple(r.value.shape)[:1]}+... for a batch of "
+                f"{r_out.shape[0] // repeat}")
         prop = propagators[i]
         if prop is not None:
             inputs = tape.inputs.pop(i)
@@ -189,6 +200,29 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
         checked = torch.stack([*norms, result.value_l1()])
         healthy = ((checked >= low) & (checked <= high)).all(0) | (mass == 0)
     return RelevancePass(result.materialize(), healthy)
+
+
+class _RepeatedRows(dict):
+    """A tape dict whose tensors come out with every batch row repeated K times."""
+
+    def __init__(self, inner: dict, repeat: int):
+        super().__init__(inner)
+        self.repeat = repeat
+
+    def pop(self, key, *default):
+        value = super().pop(key, *default)
+        if isinstance(value, torch.Tensor):
+            return value.repeat_interleave(self.repeat, 0)
+        if isinstance(value, list):
+            return [v.repeat_interleave(self.repeat, 0) for v in value]
+        return value
+
+
+def _repeated(tape: Tape, repeat: int) -> Tape:
+    shapes = {i: [torch.Size((s[0] * repeat, *s[1:])) if len(s) else s for s in ss]
+              for i, ss in tape.shapes.items()}
+    return Tape(_RepeatedRows(tape.inputs, repeat), _RepeatedRows(tape.outputs, repeat),
+                _RepeatedRows(tape.pool_indices, repeat), shapes)
 
 
 def _unit_max(r: Rel) -> Rel:

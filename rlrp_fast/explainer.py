@@ -13,6 +13,7 @@ from .backends import get_backend
 from .capture import capture
 from .engine import RelevancePass, run_forward, run_relevance
 from .guard import ModelGuard, check_eval
+from .numerics import l1_per_sample
 from .plan import Affine, Plan
 from .rules import Propagator, make_rule
 from .verify import verify_logits
@@ -35,6 +36,10 @@ class Explanation:
         logits: the model's output ``(N, classes)``, in ``x``'s dtype.
         targets: ``(N,)`` long, the class explained per sample (with a custom
             ``output_relevance``: the arg-max of ``|output_relevance|``).
+
+    With K maps per sample (``Explainer.explain(..., top_k=K)``, ``(N, K)`` targets or
+    ``(N, K, classes)`` output relevance), ``relevance`` is ``(N, K, ...)`` and ``targets``
+    and ``vanished`` are ``(N, K)``.
         vanished: ``(N,)`` bool (R-LRP; None for the other rules): samples whose relevance
             became exactly 0 on the way (a layer whose inputs were all dead, or whose
             contributions cancelled exactly) although their output relevance was not; their
@@ -194,9 +199,9 @@ class Explainer:
             raise ValueError("target is a meta tensor (it has no values); pass class indices")
         if target.dim() == 0:
             return int(target)
-        if target.shape != (n,):
-            raise ValueError(f"target must have shape ({n},) (one class per sample), got "
-                             f"{tuple(target.shape)}")
+        if target.dim() > 2 or target.shape[0] != n or target.numel() == 0:
+            raise ValueError(f"target must have shape ({n},) (one class per sample) or "
+                             f"({n}, K) (K classes per sample), got {tuple(target.shape)}")
         return target
 
     @staticmethod
@@ -214,58 +219,73 @@ class Explainer:
         if not output_relevance.is_floating_point():
             raise TypeError(f"output_relevance must be a floating-point tensor, got dtype "
                             f"{output_relevance.dtype}")
-        if output_relevance.dim() != 2 or output_relevance.shape[0] != n:
+        if output_relevance.dim() not in (2, 3) or output_relevance.shape[0] != n \
+                or output_relevance.numel() == 0:
             raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}; "
-                             f"expected ({n}, classes), the logits' shape")
+                             f"expected ({n}, classes), the logits' shape, or ({n}, K, "
+                             "classes) for K maps per sample")
         if not torch.isfinite(output_relevance).all():
             raise ValueError("output_relevance contains NaN or Inf")
 
     # -- the call ------------------------------------------------------------------------------
     def explain(self, x: torch.Tensor, target: int | torch.Tensor | None = None,
-                output_relevance: torch.Tensor | None = None) -> Explanation:
+                output_relevance: torch.Tensor | None = None,
+                top_k: int | None = None) -> Explanation:
         """Predict and explain the batch ``x``.
 
         Args:
             x: input batch ``(N, ...)`` on the model's device, float16/bfloat16/float32/
                 float64 (the forward runs in this dtype; relevance accumulates in float32,
                 float64 for float64 inputs).
-            target: class to explain: None (arg-max per sample), an int, or ``(N,)``
-                integer tensor.
+            target: class to explain: None (arg-max per sample), an int, an ``(N,)``
+                integer tensor, or ``(N, K)`` for K classes per sample.
             output_relevance: instead of ``target``, the relevance at the logits
-                ``(N, classes)`` (e.g. a one-hot).
+                ``(N, classes)`` (e.g. a one-hot), or ``(N, K, classes)`` for K maps.
+            top_k: instead of ``target``, explain each sample's K highest logits.
+
+        With K classes per sample (``(N, K)`` targets, ``(N, K, classes)`` output relevance
+        or ``top_k``) the forward runs once and the K relevance passes run as one batched
+        pass; ``relevance`` is ``(N, K, *x.shape[1:])`` and ``targets`` ``(N, K)``, each map
+        equal to the one a separate call would give.
         """
         self._guard.check()
         self._check_input(x)
-        if target is not None and output_relevance is not None:
-            raise ValueError("pass either target or output_relevance, not both")
+        if sum(v is not None for v in (target, output_relevance, top_k)) > 1:
+            raise ValueError("pass at most one of target, output_relevance and top_k")
         target = self._check_target(target, x.shape[0])
         if output_relevance is not None:
             self._check_output_relevance(output_relevance, x.shape[0])
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                                  or top_k < 1):
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        request = _Request(target, output_relevance, top_k)
         if self._plan is None:
-            return self._gradient_x_input(x, target, output_relevance)
+            return self._gradient_x_input(x, request)
         propagators, weights = self._prepare(x.dtype)
-        args = (self._plan, x, weights, propagators, self._backend, target, output_relevance,
+        args = (self._plan, x, weights, propagators, self._backend, request,
                 self._rule.keeps_mass)
         with torch.inference_mode():
-            logits, targets, result = self._run(args)
+            logits, targets, r_out, result = self._run(args)
             if result.healthy is not None and not bool(result.healthy.all()):
-                _check_target_logits(logits, targets, output_relevance)
+                _check_target_logits(logits, targets, request)
                 # some value left the range where float32 is exact: redo with every step's
                 # inputs and relevance scaled to a maximum of 1 (R-LRP is invariant to it)
-                logits, targets, result = _explain_batch(*args, safe=True)
+                logits, targets, r_out, result = _explain_batch(*args, safe=True)
                 if not bool(torch.isfinite(result.relevance).all()):
                     raise FloatingPointError(
                         "R-LRP relevance overflowed although the logits are finite (weights "
                         "near the float range's limits?); try float64 input")
             elif result.healthy is None:
-                _check_target_logits(logits, targets, output_relevance)
+                _check_target_logits(logits, targets, request)
         if self._verify:
             self._verify_once(x, logits, weights, propagators)
         # clones made outside inference mode: ordinary tensors the caller may modify in place
-        vanished = None if result.healthy is None else _vanished(result.relevance, logits,
-                                                                 targets, output_relevance)
-        return Explanation(relevance=result.relevance.clone(), logits=logits.clone(),
-                           targets=targets.clone(), vanished=vanished)
+        relevance = result.relevance
+        vanished = None
+        if result.healthy is not None:
+            vanished = (l1_per_sample(relevance) == 0) & (l1_per_sample(r_out) > 0)
+        return _shaped(Explanation(relevance=relevance.clone(), logits=logits.clone(),
+                                   targets=targets.clone(), vanished=vanished), request)
 
     def _run(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor, RelevancePass]:
         if self._compiled is None:
@@ -297,11 +317,12 @@ class Explainer:
 
     __call__ = explain
 
-    def _gradient_x_input(self, x, target, output_relevance) -> Explanation:
+    def _gradient_x_input(self, x: torch.Tensor, request: "_Request") -> Explanation:
         """Gradient × input, dtypes as the R-LRP path: the forward (and so autograd's
         backward) in ``x``'s dtype, with the model's floating parameters and buffers cast to
         it for the call when they differ (the model is untouched), relevance in float32
-        (float64 for float64 input)."""
+        (float64 for float64 input). K classes per sample: one forward, autograd's batched
+        gradients (``is_grads_batched``)."""
         cast = any(t.is_floating_point() and t.dtype != x.dtype for t in self._tensors)
         with torch.inference_mode(False), torch.enable_grad():
             x_grad = x.detach().clone().requires_grad_(True)
@@ -322,44 +343,72 @@ class Explainer:
                         f"the model could not run in {x.dtype} with its parameters cast to "
                         f"it ({first}); pass x as {self._param_dtype}") from exc
             rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            r_out, targets = _output_relevance(logits.detach(), target, output_relevance,
-                                               rel_dtype)
-            (grad,) = torch.autograd.grad(logits, x_grad, r_out.to(logits.dtype))
-        return Explanation(relevance=(x.to(rel_dtype) * grad.to(rel_dtype)),
-                           logits=logits.detach(), targets=targets)
+            r_out, targets = _output_relevance(logits.detach(), request, rel_dtype)
+            n, k = targets.shape
+            if k == 1:
+                (grad,) = torch.autograd.grad(logits, x_grad, r_out.to(logits.dtype))
+            else:  # (K, N, classes) → K gradients from one graph
+                batched = r_out.view(n, k, -1).transpose(0, 1).to(logits.dtype)
+                (grad,) = torch.autograd.grad(logits, x_grad, batched, is_grads_batched=True)
+                grad = grad.transpose(0, 1).reshape(n * k, *x.shape[1:])
+        x_rows = x.to(rel_dtype).repeat_interleave(k, 0) if k > 1 else x.to(rel_dtype)
+        return _shaped(Explanation(relevance=x_rows * grad.to(rel_dtype),
+                                   logits=logits.detach(), targets=targets), request)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the caller asked to explain (validated): one of the three, or none (arg-max)."""
+
+    target: int | torch.Tensor | None
+    output_relevance: torch.Tensor | None
+    top_k: int | None
+
+    @property
+    def multi(self) -> bool:
+        """K maps per sample (the results get a K dimension)."""
+        if self.top_k is not None:
+            return True
+        if self.output_relevance is not None:
+            return self.output_relevance.dim() == 3
+        return isinstance(self.target, torch.Tensor) and self.target.dim() == 2
+
+
+def _shaped(e: Explanation, request: _Request) -> Explanation:
+    """Rows ``n·K + k`` of a batched pass as ``(N, K, ...)`` (or ``(N, ...)`` for one map)."""
+    n, k = e.targets.shape
+    if request.multi:
+        e.relevance = e.relevance.view(n, k, *e.relevance.shape[1:])
+        e.vanished = None if e.vanished is None else e.vanished.view(n, k)
+    else:
+        e.targets = e.targets.view(n)
+    return e
 
 
 def _explain_batch(plan: Plan, x: torch.Tensor, weights: dict, propagators: list,
-                   backend, target, output_relevance, keep_mass: bool, safe: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, RelevancePass]:
-    """The plan's forward and relevance pass on a validated batch (what ``compile`` compiles)."""
+                   backend, request: _Request, keep_mass: bool, safe: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RelevancePass]:
+    """The plan's forward and relevance pass on a validated batch (what ``compile`` compiles):
+    ``(logits, targets (N, K), R_out (N·K, classes), relevance pass of N·K rows)``."""
     logits, tape = run_forward(plan, x, weights, propagators)
     rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    r_out, targets = _output_relevance(logits, target, output_relevance, rel_dtype)
-    result = run_relevance(plan, tape, r_out, backend, propagators, keep_mass, safe)
-    return logits, targets, result
+    r_out, targets = _output_relevance(logits, request, rel_dtype)
+    result = run_relevance(plan, tape, r_out, backend, propagators, keep_mass, safe,
+                           repeat=targets.shape[1])
+    return logits, targets, r_out, result
 
 
 def _check_target_logits(logits: torch.Tensor, targets: torch.Tensor,
-                         output_relevance: torch.Tensor | None) -> None:
+                         request: _Request) -> None:
     """Refuse to explain a target logit that is not finite (nothing to redistribute)."""
-    if output_relevance is not None:  # the caller's start relevance, validated finite
+    if request.output_relevance is not None:  # the caller's start relevance, validated finite
         return
-    bad = ~torch.isfinite(logits.gather(1, targets.view(-1, 1))).view(-1)
+    bad = ~torch.isfinite(logits.gather(1, targets)).all(1)
     if bool(bad.any()):
         samples = bad.nonzero().view(-1).tolist()
         raise ValueError(f"the model's logits are not finite (NaN or Inf) for sample(s) "
                          f"{samples[:10]}: there is no finite output to explain (inputs or "
                          "weights beyond the model's numeric range?)")
-
-
-def _vanished(relevance: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-              output_relevance: torch.Tensor | None) -> torch.Tensor:
-    start = output_relevance if output_relevance is not None else \
-        logits.gather(1, targets.view(-1, 1))
-    alive = start.reshape(start.shape[0], -1).abs().sum(1) > 0
-    return (relevance.reshape(relevance.shape[0], -1).abs().sum(1) == 0) & alive.to(
-        relevance.device)
 
 
 def _forward_weights(step: Affine, dtype: torch.dtype, rel_dtype: torch.dtype) -> tuple:
@@ -372,40 +421,49 @@ def _forward_weights(step: Affine, dtype: torch.dtype, rel_dtype: torch.dtype) -
     return weight, bias, scale
 
 
-def _output_relevance(logits: torch.Tensor, target, output_relevance, dtype: torch.dtype
+def _output_relevance(logits: torch.Tensor, request: _Request, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``R_out``: the target's logit, 0 elsewhere (or the caller's ``output_relevance``)."""
+    """``(R_out, targets)``: ``R_out`` ``(N·K, classes)``, row ``n·K + k`` the target's logit
+    (0 elsewhere) or the caller's ``output_relevance[n, k]``; ``targets`` ``(N, K)``."""
     if logits.dim() != 2:
         raise ValueError(f"the model must output logits of shape (N, classes), got "
                          f"{tuple(logits.shape)}")
     n, classes = logits.shape
-    if output_relevance is not None:
-        if output_relevance.shape != logits.shape:
-            raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}, "
-                             f"the logits have {tuple(logits.shape)}")
+    given = request.output_relevance
+    if given is not None:
+        if given.shape[-1] != classes:
+            raise ValueError(f"output_relevance has shape {tuple(given.shape)}, the logits "
+                             f"have {tuple(logits.shape)}")
         # a copy: the relevance pass works in place and must not touch the caller's tensor
-        r = output_relevance.to(device=logits.device, dtype=dtype, copy=True)
-        return r, r.abs().argmax(dim=1)
-    if target is None:
-        targets = logits.argmax(dim=1)
+        r = given.to(device=logits.device, dtype=dtype, copy=True).reshape(-1, classes)
+        return r, r.abs().argmax(dim=1).view(n, -1)
+    target = request.target
+    if request.top_k is not None:
+        if request.top_k > classes:
+            raise ValueError(f"top_k={request.top_k} exceeds the {classes} classes")
+        targets = logits.topk(request.top_k, dim=1).indices
+    elif target is None:
+        targets = logits.argmax(dim=1, keepdim=True)
     elif isinstance(target, int):
         if not 0 <= target < classes:  # before torch.full: 2**70 overflows int64
             raise ValueError(f"target {target} is out of range for {classes} classes")
-        targets = torch.full((n,), target, dtype=torch.long, device=logits.device)
+        targets = torch.full((n, 1), target, dtype=torch.long, device=logits.device)
     else:
-        targets = target.to(device=logits.device, dtype=torch.long)
+        targets = target.to(device=logits.device, dtype=torch.long).view(n, -1)
     bad = (targets < 0) | (targets >= classes)
     if bad.any():
         raise ValueError(f"target {targets[bad][0].item()} is out of range for {classes} classes")
-    r = torch.zeros(n, classes, dtype=dtype, device=logits.device)
-    r.scatter_(1, targets.view(-1, 1), logits.gather(1, targets.view(-1, 1)).to(dtype))
-    return r, targets
+    rows = targets.reshape(-1, 1)
+    r = torch.zeros(rows.shape[0], classes, dtype=dtype, device=logits.device)
+    picked = logits.gather(1, targets).reshape(-1, 1)
+    return r.scatter_(1, rows, picked.to(dtype)), targets
 
 
 def explain(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None,
-            output_relevance: torch.Tensor | None = None, **options) -> Explanation:
+            output_relevance: torch.Tensor | None = None, top_k: int | None = None,
+            **options) -> Explanation:
     """One-shot convenience: ``Explainer(model, **options).explain(x, target, ...)``.
 
     Building an explainer traces the model; reuse an :class:`Explainer` for many batches."""
     return Explainer(model, **options).explain(x, target=target,
-                                               output_relevance=output_relevance)
+                                               output_relevance=output_relevance, top_k=top_k)

@@ -44,6 +44,13 @@ def _derived(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse or other storage-less layouts
+        return None
+
+
 class ModelGuard:
     """A snapshot of ``model`` at capture, and the per-call check against it."""
 
@@ -63,7 +70,7 @@ class ModelGuard:
         self._state = self._tensor_state()
         # holding the captured storages keeps their addresses from being reused, so a new
         # storage (model.bfloat16().float()) always shows as a new data_ptr
-        self._held = [t.untyped_storage() for t in self._tensors]
+        self._held = [_storage(t) for t in self._tensors]
         self._derived = _derived(model)
         self._contents = self._derived_contents()
 

@@ -154,7 +154,7 @@ def test_bad_output_relevance():
         explainer.explain(X, output_relevance=torch.ones(2, 4))
     with pytest.raises(ValueError, match="NaN or Inf"):
         explainer.explain(X, output_relevance=torch.full((2, 5), float("nan")))
-    with pytest.raises(ValueError, match="either target or output_relevance"):
+    with pytest.raises(ValueError, match="at most one of target, output_relevance"):
         explainer.explain(X, target=1, output_relevance=torch.ones(2, 5))
     with pytest.raises(TypeError, match="output_relevance must be a tensor"):
         explainer.explain(X, output_relevance=[[1.0] * 5] * 2)
