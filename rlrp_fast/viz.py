@@ -77,8 +77,7 @@ def save_grid(
     ``2*(i % ncols) + 1`` (heatmap). Each heatmap uses a diverging colormap centred on 0 with its
     own symmetric scale ``[-m, m]``, ``m = max|R|`` of that sample. Returns the path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg, Figure = require_matplotlib()
 
     imgs = _as_images(images, "images")
     rel = _to_numpy(relevance)
@@ -120,3 +119,15 @@ def save_grid(
     # Fixed dpi and no bbox_inches="tight": the pixel size is then a function of the grid shape.
     fig.savefig(path, format="png", dpi=_DPI)
     return path
+
+
+def require_matplotlib():
+    """matplotlib's Agg canvas and Figure classes, imported on first use: matplotlib is the
+    optional ``[viz]`` extra."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("rlrp_fast's figures need matplotlib, the optional 'viz' extra: "
+                          "pip install 'rlrp_fast[viz]'") from err
+    return FigureCanvasAgg, Figure
