@@ -4,17 +4,18 @@ PY := $(VENV)/bin/python
 # torch is pinned here (the package itself asks for torch>=2.11): an unpinned torch pulls a
 # multi-GB build; torchvision must match it.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+RUFF_PIN := ruff==0.16.9
 # `make test-compat`: the oldest torch the package supports (the GPU machine's), in its own venv.
 COMPAT_VENV ?= .venv-compat
 COMPAT_PINS := torch==2.11.0 torchvision==0.26.0
 
-.PHONY: setup demo test bench test-compat check-install
+.PHONY: setup demo test bench lint test-compat check-install
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PINS) ninja "setuptools>=64" wheel
+	$(PY) -m pip install -q $(TORCH_PINS) ninja "setuptools>=64" wheel $(RUFF_PIN)
 	# --no-build-isolation: compile against the torch that will load the extension
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,viz,demo]"
 	touch $@
@@ -24,6 +25,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The CPU test suite against the installed (not editable) package under torch 2.11: a plain
 # `pip install` (build isolation, so no extension ahead of time: the cpp backend compiles itself
