@@ -7,7 +7,9 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 RUFF_PIN := ruff==0.16.9
 # `make test-compat`: the oldest torch the package supports (the GPU machine's), in its own venv.
 COMPAT_VENV ?= .venv-compat
-COMPAT_PINS := torch==2.11.0 torchvision==0.26.0
+# numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, how the tests run the kernels on CPU)
+# calls int() on 1-element arrays, a TypeError since NumPy 2.4 (fixed in later Triton).
+COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 "numpy<2.4"
 
 .PHONY: setup demo test bench lint test-compat check-install
 
@@ -33,7 +35,7 @@ lint: setup
 # `pip install` (build isolation, so no extension ahead of time: the cpp backend compiles itself
 # on first use, into the venv's own folder), run from outside the checkout so that the package
 # under test is the installed one. Downloads torch 2.11 (~3 GB with its CUDA libraries) once.
-$(COMPAT_VENV)/.installed: pyproject.toml
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q $(COMPAT_PINS)
 	$(COMPAT_VENV)/bin/python -m pip install -q ".[test]"
