@@ -2,8 +2,10 @@
 CPU extension ``rlrp_fast._C`` (csrc/), which the ``cpp`` backend loads.
 
 The extension compiles against the torch that is installed when this runs, so build with
-``pip install --no-build-isolation -e .``. Without torch or a C++ compiler the package still
-installs, without the extension: the ``cpp`` backend then reports itself unavailable.
+``pip install --no-build-isolation -e .``. Without torch (e.g. a plain ``pip install .``, whose
+isolated build environment has no torch, on purpose) or a C++ compiler the package still
+installs, without the extension: the ``cpp`` backend then compiles the same sources (shipped as
+``rlrp_fast/csrc``) on first use, or falls back to ``torch`` where that is impossible.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ SOURCES = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp")
 
 def _skip(reason: str) -> dict:
     warnings.warn(f"rlrp_fast: building without the C++ extension ({reason}); the 'cpp' "
-                  "backend will be unavailable. Install torch and a C++ compiler, then run "
-                  "`pip install --no-build-isolation -e .`", stacklevel=2)
+                  "backend will compile it on first use (needs ninja and a C++ compiler). To "
+                  "build it now, install torch first and use `pip install --no-build-isolation`",
+                  stacklevel=2)
     return {}
 
 

@@ -189,7 +189,7 @@ def conv_relevance(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Siz
     dims = weight.dim() - 2
     if dims not in (1, 2):
         raise NotImplementedError(f"conv_relevance handles Conv1d/Conv2d, not {dims}-d")
-    n, c_in = input_shape[0], input_shape[1]
+    n = input_shape[0]
     if out is None:
         fmt = (torch.channels_last if a is not None and dims == 2 and not a.is_contiguous()
                and a.is_contiguous(memory_format=torch.channels_last)

@@ -356,10 +356,9 @@ def residual_cancellation_study(model: nn.Module, block: nn.Module, x: torch.Ten
 # =============================================================================================
 def _save_heatmaps(per_model: dict[str, tuple[torch.Tensor, dict[str, MethodScores]]],
                    path: Path, n_images: int = 3) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .viz import heatmap_limit, require_matplotlib
 
-    from .viz import heatmap_limit
+    FigureCanvasAgg, Figure = require_matplotlib()
 
     models = list(per_model)
     keys = list(next(iter(per_model.values()))[1])
@@ -389,8 +388,9 @@ def _save_heatmaps(per_model: dict[str, tuple[torch.Tensor, dict[str, MethodScor
 
 
 def _save_curves(per_model: dict[str, dict[str, MethodScores]], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .viz import require_matplotlib
+
+    FigureCanvasAgg, Figure = require_matplotlib()
 
     fig = Figure(figsize=(5 * len(per_model), 4.2), dpi=100)
     FigureCanvasAgg(fig)

@@ -116,10 +116,9 @@ def save_grid(
     ``2*(i % ncols) + 1`` (heatmap). Each heatmap uses a diverging colormap centred on 0 with its
     own symmetric scale ``[-m, m]``, ``m = max|R|`` of that sample. Returns the path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg, Figure = require_matplotlib()
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
 
     fmt = figure_format(path)
     imgs = _as_images(images, "images")
@@ -194,3 +193,15 @@ def save_grid(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def require_matplotlib():
+    """matplotlib's Agg canvas and Figure classes, imported on first use: matplotlib is the
+    optional ``[viz]`` extra."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("rlrp_fast's figures need matplotlib, the optional 'viz' extra: "
+                          "pip install 'rlrp_fast[viz]'") from err
+    return FigureCanvasAgg, Figure

@@ -286,7 +286,7 @@ def test_zbox_per_channel_bounds_equal_zennit(shape):
     ``(1, C, 1, 1)``, equals zennit's ZBox given the same bounds as ``(1, C, 1, 1)``. The image
     is as wide as it has channels, so bounds laid along the width would broadcast too and
     give a different map."""
-    zennit = pytest.importorskip("zennit")
+    pytest.importorskip("zennit")
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonGammaBox
 
