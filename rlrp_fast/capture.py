@@ -16,14 +16,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
-                   SlotRef, Step)
+from .plan import (Activation, Add, Affine, Cat, Gate, MaxPool, Meta, Plan, Pool, Reshape,
+                   Scale, SlotRef, Step)
 
 SUPPORTED_OPS = (
     "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
     "BatchNorm1d/2d/3d in eval mode with running statistics (folded into a preceding "
     "Linear/Conv, else a per-channel scale); activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, "
-    "ELU, Tanh, Sigmoid, Hardswish (modules, torch.* and F.* functions, tensor methods); "
+    "ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid (modules, torch.* and F.* functions, tensor "
+    "methods); the product of a tensor and a gate (a Sigmoid/Hardsigmoid output: "
+    "squeeze-excitation), x * sigmoid(x); StochasticDepth (eval); "
     "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
     "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
     "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
@@ -63,6 +65,8 @@ def _functional_activation(module: nn.Module) -> Callable[[torch.Tensor], torch.
         return torch.sigmoid
     if type(module) is nn.Hardswish:
         return F.hardswish
+    if type(module) is nn.Hardsigmoid:
+        return F.hardsigmoid
     return None
 
 
@@ -71,8 +75,12 @@ _ACTIVATION_FUNCTIONS: dict[Any, Callable] = {
     F.relu6: F.relu6, F.leaky_relu: F.leaky_relu, F.gelu: F.gelu, F.silu: F.silu,
     F.elu: F.elu, F.hardswish: F.hardswish,
     torch.tanh: torch.tanh, F.tanh: torch.tanh, torch.sigmoid: torch.sigmoid,
-    F.sigmoid: torch.sigmoid,
+    F.sigmoid: torch.sigmoid, F.hardsigmoid: F.hardsigmoid,
 }
+# Activations whose output is a gate in a product, and the activation that product is when the
+# gate is computed from the signal itself (x * sigmoid(x) is SiLU written out).
+_GATES = {torch.sigmoid: F.silu, F.hardsigmoid: F.hardswish}
+_MUL_FUNCTIONS = {operator.mul, torch.mul}
 _ACTIVATION_METHODS = {"relu": F.relu, "relu_": F.relu, "sigmoid": torch.sigmoid,
                        "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
 
@@ -198,6 +206,7 @@ class _Builder:
         self.input_slot: int | None = None
         self.output_slot: int | None = None
         self.view_of: dict[int, int] = {}  # slot of a reshape's output → slot of its input
+        self.gate_of: dict[int, tuple[Callable, int]] = {}  # gate slot → (activation, its input)
         self.position: dict[fx.Node, int] = {}
 
     # -- helpers -----------------------------------------------------------------------------
@@ -225,8 +234,13 @@ class _Builder:
     def emit(self, node: fx.Node, cls, inputs: tuple[int, ...], **fields) -> None:
         self.steps.append(cls(name=node.name, target=self.describe(node), inputs=inputs,
                               output=self.new_slot(node), **fields))
+        out = self.slot_of[node]
         if cls is Reshape:  # may share memory with its input (matters for in-place ops)
-            self.view_of[self.slot_of[node]] = inputs[0]
+            self.view_of[out] = inputs[0]
+            if inputs[0] in self.gate_of:  # a gate reshaped (or broadcast) is still a gate
+                self.gate_of[out] = self.gate_of[inputs[0]]
+        if cls is Activation and getattr(fields["fn"], "func", fields["fn"]) in _GATES:
+            self.gate_of[out] = (getattr(fields["fn"], "func", fields["fn"]), inputs[0])
 
     def alias(self, node: fx.Node, source: fx.Node) -> None:
         self.slot_of[node] = self.slot_of[source]
@@ -344,8 +358,8 @@ class _Builder:
         elif kind is nn.Unflatten:
             self.emit(node, Reshape, (src,), fn=torch.Tensor.unflatten,
                       args=(module.dim, module.unflattened_size))
-        elif isinstance(module, _PASSTHROUGH_MODULES):
-            self.alias(node, node.args[0])
+        elif isinstance(module, _PASSTHROUGH_MODULES) or name == "StochasticDepth":
+            self.alias(node, node.args[0])  # (torchvision's StochasticDepth: identity in eval)
         else:
             raise _unsupported(node, f"module {node.target!r} ({name})")
 
@@ -388,6 +402,12 @@ class _Builder:
             self.on_mean(node)
         elif fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
             self.alias(node, node.args[0])
+        elif fn in _MUL_FUNCTIONS:
+            self.on_mul(node)
+        elif getattr(fn, "__name__", "") == "stochastic_depth" and _stochastic_depth_off(node):
+            self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
+        elif fn is torch._assert:
+            return  # a shape check: no value, no relevance
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -408,6 +428,8 @@ class _Builder:
             self.alias(node, node.args[0])
         elif method == "mean":
             self.on_mean(node)
+        elif method == "mul":
+            self.on_mul(node)
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -434,6 +456,30 @@ class _Builder:
             raise _unsupported(node, self.describe(node),
                                "adding a constant to a tensor (only tensor + tensor)")
         self.emit(node, Add, tuple(self.slot_of[a] for a in operands))
+
+    def on_mul(self, node: fx.Node) -> None:
+        """A product with a gate (the output of a Sigmoid or Hardsigmoid, through reshapes):
+        relevance goes to the other operand, the signal. ``x * sigmoid(x)`` is SiLU."""
+        operands = node.args
+        if node.kwargs or len(operands) != 2 or not all(
+                isinstance(a, fx.Node) and a not in self.is_meta for a in operands):
+            raise _unsupported(node, self.describe(node),
+                               "only the product of a tensor and a gate (sigmoid/hardsigmoid "
+                               "output) is supported, not scaling by a constant")
+        slots = [self.slot_of[a] for a in operands]
+        gates = [s for s in slots if s in self.gate_of]
+        if len(gates) != 1:
+            why = ("both operands are gates" if gates else
+                   "neither operand is a gate (a Sigmoid/Hardsigmoid output): a product of "
+                   "two signals")
+            raise _unsupported(node, self.describe(node), why)
+        gate = gates[0]
+        signal = slots[1] if slots[0] == gate else slots[0]
+        activation, source = self.gate_of[gate]
+        if source == signal and gate not in self.view_of:  # x * sigmoid(x): SiLU
+            self.emit(node, Activation, (signal,), fn=_GATES[activation])
+        else:
+            self.emit(node, Gate, (signal,), gate=gate)
 
     def on_activation(self, node: fx.Node, fn: Callable) -> None:
         kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
@@ -511,6 +557,12 @@ class _Builder:
             raise _unsupported(node, self.describe(node), "dims computed at run time")
         self.emit(node, Pool, (src,), kind="mean", dims=0,
                   params=dict(dims=dims, keepdim=bool(keepdim)))
+
+
+def _stochastic_depth_off(node: fx.Node) -> bool:
+    """torchvision's ``stochastic_depth(input, p, mode, training)`` with training False."""
+    training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    return training is False
 
 
 def _maxpool_fn(module: nn.Module, dims: int) -> Callable:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .backends.torch_backend import pool_forward
-from .plan import (Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale,
+from .plan import (Activation, Add, Affine, Cat, Gate, MaxPool, Meta, Plan, Pool, Reshape, Scale,
                    Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
 from .rules import Propagator
@@ -73,6 +73,9 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
         return out
     if isinstance(step, Cat):
         return torch.cat(args, dim=step.dim)
+    if isinstance(step, Gate):
+        signal, gate = args
+        return signal * gate
     raise AssertionError(type(step))  # MaxPool/Reshape/Meta are handled by the caller
 
 
@@ -100,6 +103,8 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
     release = _last_reads(plan)
     for i, step in enumerate(plan.steps):
         args = [values[s] for s in step.inputs]
+        if isinstance(step, Gate):  # the rules read the gate too
+            args.append(values[step.gate])
         try:
             if isinstance(step, MaxPool):
                 out, indices = step.fn(args[0])

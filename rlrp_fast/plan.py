@@ -12,6 +12,7 @@ Step kinds (one class each):
 - ``MaxPool``  MaxPool* / AdaptiveMaxPool*; relevance goes to the winning element.
 - ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose; relevance follows
   the element.
+- ``Gate``     a product with a gate (squeeze-excitation): relevance to the signal only.
 - ``Add``      residual sum of two or more tensors.
 - ``Cat``      concatenation; each input receives its slice.
 - ``Meta``     non-tensor values (``x.size(0)``) that shape arguments of other steps need.
@@ -142,6 +143,16 @@ class Reshape(Step):
 
 
 @dataclass(frozen=True, eq=False)
+class Gate(Step):
+    """``z = signal ⊙ gate`` (broadcasting either way), ``gate`` the slot of a Sigmoid,
+    Hardsigmoid or Softmax output (through reshapes): a product whose relevance goes to the
+    signal (``inputs``) only; the gate is read, never given relevance (RLRP_SPEC.md,
+    "Gates: the signal takes all")."""
+
+    gate: int
+
+
+@dataclass(frozen=True, eq=False)
 class Add(Step):
     """``z = Σ inputs`` (broadcasting is refused at run time)."""
 
@@ -191,6 +202,8 @@ class Plan:
 def step_reads(step: Step) -> list[int]:
     """Every slot a step reads in the forward pass: its tensor inputs and slot arguments."""
     slots = list(step.inputs)
+    if isinstance(step, Gate):
+        slots.append(step.gate)
     if isinstance(step, (Reshape, Meta)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
     return slots

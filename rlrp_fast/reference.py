@@ -51,7 +51,8 @@ from typing import Sequence
 
 import torch
 
-from .plan import Activation, Add, Affine, Cat, MaxPool, Meta, Plan, Pool, Reshape, Scale, SlotRef
+from .plan import (Activation, Add, Affine, Cat, Gate, MaxPool, Meta, Plan, Pool, Reshape, Scale,
+                   SlotRef)
 
 DTYPE = torch.float64
 
@@ -404,6 +405,8 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
             out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
         elif isinstance(step, Cat):
             out = torch.cat(args, dim=step.dim)
+        elif isinstance(step, Gate):
+            out = args[0] * values[step.gate]
         elif isinstance(step, Meta):
             out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
         else:
@@ -691,7 +694,10 @@ def _explain(plan, x, rule, target, output_relevance, trace, options):
             continue
         r_z = _fork(arrived[step.output], rule)
         inputs = [fw.values[s] for s in step.inputs]
-        if k in formulas:
+        if isinstance(step, Gate):
+            parts = [_gate_backward(step, r_z, inputs[0], fw.values[step.gate], rule, options)]
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        elif k in formulas:
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
         else:
             parts = _route_backward(step, r_z, inputs, fw.pool_indices.get(k), fw.values)
@@ -731,6 +737,24 @@ def _linear_backward(k, step, fw, r_z, formula_params, records, inputs):
                                 op.matrix, r, c, r_tilde, r_a))
     sizes = [math.prod(s) for s in op.in_shapes]
     return [part.view(n, *s) for part, s in zip(r_a.split(sizes, dim=1), op.in_shapes)]
+
+
+def _gate_backward(step, r_z, signal, gate, rule, options) -> torch.Tensor:
+    """``z = s ⊙ g`` with ``g`` a gate: the signal takes all. R-LRP: each output element's
+    contribution ``c_j = s_j g_j R_j`` (``norm="neuron"``: divided by its absolute value
+    ``|s_j g_j|``, 0 where it is 0), summed over the elements a broadcast signal fed, then
+    renormalised. Classic rules: the gate is a constant and the signal its only contributor,
+    so the signal receives ``R`` itself (zennit/LXT's convention)."""
+    s, g = signal.to(DTYPE), gate.to(DTYPE)
+    if rule != "rlrp":
+        return r_z.sum_to_size(s.shape)
+    c = s * g * r_z
+    if options["norm"] == "neuron":
+        size = (s * g).abs()
+        c = torch.where(size > 0, c / torch.where(size > 0, size, torch.ones_like(size)),
+                        torch.zeros_like(c))
+    return _renormalise(c.sum_to_size(s.shape).reshape(s.shape[0], -1),
+                        r_z.reshape(r_z.shape[0], -1)).view(s.shape)
 
 
 def _route_backward(step, r_z, inputs, winners, values) -> list[torch.Tensor]:

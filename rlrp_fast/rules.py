@@ -22,7 +22,7 @@ import torch
 from .backends import Backend
 from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, share_mass,
                        stabilize)
-from .plan import Add, Affine, Plan, Pool, Scale, Step, scale_rows
+from .plan import Add, Affine, Gate, Plan, Pool, Scale, Step, scale_rows
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
 COMPOSITES = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat")
@@ -164,6 +164,38 @@ class RlrpAddRatio:
         return [Rel(p, n * per_unit, n) for p, n in zip(parts, norms)]
 
 
+@dataclass(frozen=True)
+class RlrpGate:
+    """A product with a gate, ``z = s ⊙ g``: the signal takes all, as a linear step in ``s``
+    with the gate as its (per-sample) weights: ``R̃_s = s ⊙ g ⊙ R`` (``norm="neuron"``: each
+    output's single contribution relative to its absolute value, ``sign(s ⊙ g) ⊙ R``),
+    renormalised to ``‖R‖₁``; the gate gets nothing."""
+
+    neuron: bool = False
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        signal, gate = (t.to(r.value.dtype) for t in inputs)
+        product = signal * gate
+        if self.neuron:  # 0 where s ⊙ g = 0
+            c = torch.sign(product).mul_(r.value)
+        else:
+            c = product.mul_(r.value)
+        r_tilde = c.sum_to_size(signal.shape)
+        return [Rel(r_tilde, r.mass, l1_per_sample(r_tilde))]
+
+
+@dataclass(frozen=True)
+class PassToSignal:
+    """The classic rules at a gate (zennit/LXT): the gate is a constant and the signal the
+    only contributor to each output, so the signal receives the relevance itself."""
+
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        return [Rel(r.value.sum_to_size(inputs[0].shape), r.mass)]
+
+
 # -- zennit's rules ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Norm:
@@ -302,9 +334,11 @@ class Rule:
         return [self._for_step(step, step is first, dtype) for step in plan.steps]
 
     def _for_step(self, step: Step, is_first: bool, dtype: torch.dtype) -> Propagator | None:
-        if not isinstance(step, (Affine, Pool, Scale, Add)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate)):
             return None
         o = self.options
+        if isinstance(step, Gate):
+            return RlrpGate(o["norm"] == "neuron") if self.name == "rlrp" else PassToSignal()
         if self.name == "rlrp":
             neuron = o["norm"] == "neuron"
             if isinstance(step, Affine):
