@@ -16,8 +16,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plan import (Activation, Add, Affine, Cat, Gate, MaxPool, Meta, Plan, Pool, Reshape,
-                   Scale, SlotRef, Step)
+from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
+                   Plan, Pool, Reshape, Scale, SlotRef, Step)
 
 SUPPORTED_OPS = (
     "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
@@ -25,7 +25,8 @@ SUPPORTED_OPS = (
     "Linear/Conv, else a per-channel scale); activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, "
     "ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid (modules, torch.* and F.* functions, tensor "
     "methods); the product of a tensor and a gate (a Sigmoid/Hardsigmoid output: "
-    "squeeze-excitation), x * sigmoid(x); StochasticDepth (eval); "
+    "squeeze-excitation), x * sigmoid(x), scaling by a parameter or number (layer scale); "
+    "LayerNorm (module and F.layer_norm); StochasticDepth (eval); "
     "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
     "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
     "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
@@ -207,6 +208,7 @@ class _Builder:
         self.output_slot: int | None = None
         self.view_of: dict[int, int] = {}  # slot of a reshape's output → slot of its input
         self.gate_of: dict[int, tuple[Callable, int]] = {}  # gate slot → (activation, its input)
+        self.constants: dict[fx.Node, torch.Tensor] = {}  # get_attr nodes
         self.position: dict[fx.Node, int] = {}
 
     # -- helpers -----------------------------------------------------------------------------
@@ -216,6 +218,10 @@ class _Builder:
         return self.slot_of[node]
 
     def tensor_slot(self, node: fx.Node, arg: Any) -> int:
+        if arg in self.constants:
+            raise _unsupported(node, self.describe(node), f"it reads the parameter or buffer "
+                               f"{arg.target!r} directly (supported: as a scale, x * p, or "
+                               "as a layer norm's weight or bias)")
         if not isinstance(arg, fx.Node) or arg in self.is_meta:
             raise _unsupported(node, self.describe(node), f"argument {arg!r} is not a tensor")
         return self.slot_of[arg]
@@ -312,7 +318,14 @@ class _Builder:
         self.input_slot = self.new_slot(node)
 
     def on_get_attr(self, node: fx.Node) -> None:
-        raise _unsupported(node, f"parameter or buffer {node.target!r} used directly in forward")
+        """A parameter or buffer used directly in forward: a constant, usable as a layer
+        norm's weight or a scale (a slot is given when a step reads it)."""
+        value = self.gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor):
+            raise _unsupported(node, f"attribute {node.target!r}", "it is not a tensor")
+        self.constants[node] = value.detach()
 
     def on_output(self, node: fx.Node) -> None:
         out = node.args[0]
@@ -340,6 +353,8 @@ class _Builder:
                       dilation=_tuple(module.dilation, dims), groups=module.groups)
         elif kind in _BATCHNORMS:
             self.on_batchnorm(node, module)
+        elif kind is nn.LayerNorm:
+            self.on_layer_norm(node, module)
         elif _functional_activation(module) is not None:
             self.emit(node, Activation, (src,), fn=_functional_activation(module))
         elif kind in _MAXPOOLS:
@@ -408,6 +423,8 @@ class _Builder:
             self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
         elif fn is torch._assert:
             return  # a shape check: no value, no relevance
+        elif fn is F.layer_norm:
+            self.on_layer_norm(node)
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -457,15 +474,52 @@ class _Builder:
                                "adding a constant to a tensor (only tensor + tensor)")
         self.emit(node, Add, tuple(self.slot_of[a] for a in operands))
 
+    def on_layer_norm(self, node: fx.Node, module: nn.Module | None = None) -> None:
+        if module is not None:
+            shape, weight, bias, eps = (module.normalized_shape, module.weight, module.bias,
+                                        module.eps)
+        else:
+            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            given = {**dict(zip(names, node.args)), **node.kwargs}
+            shape, eps = given["normalized_shape"], given.get("eps", 1e-5)
+            weight, bias = (self.constant_or_none(node, given.get(k)) for k in ("weight", "bias"))
+        if isinstance(shape, fx.Node) or isinstance(eps, fx.Node):
+            raise _unsupported(node, self.describe(node), "a shape or eps computed at run time")
+        self.emit(node, LayerNorm, (self.tensor_slot(node, node.args[0]),),
+                  normalized_shape=tuple(_tuple(shape, 1)),
+                  weight=None if weight is None else weight.detach(),
+                  bias=None if bias is None else bias.detach(), eps=float(eps))
+
+    def constant_or_none(self, node: fx.Node, arg: Any) -> torch.Tensor | None:
+        if arg is None:
+            return None
+        if arg not in self.constants:
+            raise _unsupported(node, self.describe(node), "a weight or bias computed in forward")
+        return self.constants[arg]
+
     def on_mul(self, node: fx.Node) -> None:
         """A product with a gate (the output of a Sigmoid or Hardsigmoid, through reshapes):
         relevance goes to the other operand, the signal. ``x * sigmoid(x)`` is SiLU."""
         operands = node.args
-        if node.kwargs or len(operands) != 2 or not all(
-                isinstance(a, fx.Node) and a not in self.is_meta for a in operands):
-            raise _unsupported(node, self.describe(node),
-                               "only the product of a tensor and a gate (sigmoid/hardsigmoid "
-                               "output) is supported, not scaling by a constant")
+        tensors = [a for a in operands if isinstance(a, fx.Node) and a not in self.is_meta
+                   and a not in self.constants]
+        if node.kwargs or len(operands) != 2 or not tensors:
+            raise _unsupported(node, self.describe(node), "only the product of a tensor and a "
+                               "gate, a parameter or a number is supported")
+        if len(tensors) == 1:  # scaling by a constant: the constant is the gate
+            other = operands[1] if operands[0] is tensors[0] else operands[0]
+            if isinstance(other, fx.Node) and other not in self.constants:
+                raise _unsupported(node, self.describe(node), "a product with a shape value")
+            # a number in float64: the forward casts it to its own dtype, as Python's would
+            value = self.constants[other] if isinstance(other, fx.Node) else \
+                torch.tensor(other, dtype=torch.float64)
+            if not value.is_floating_point():
+                value = value.to(torch.float64)
+            self.steps.append(Constant(name=f"{node.name}_constant", target=self.describe(node),
+                                       inputs=(), output=self.num_slots, value=value))
+            self.num_slots += 1
+            self.emit(node, Gate, (self.slot_of[tensors[0]],), gate=self.num_slots - 1)
+            return
         slots = [self.slot_of[a] for a in operands]
         gates = [s for s in slots if s in self.gate_of]
         if len(gates) != 1:

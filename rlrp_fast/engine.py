@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .backends.torch_backend import pool_forward
-from .plan import (Activation, Add, Affine, Cat, Gate, MaxPool, Meta, Plan, Pool, Reshape, Scale,
-                   Step, resolve, scale_rows, step_reads)
+from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
+                   Pool, Reshape, Scale, Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
 from .rules import Propagator
 
@@ -76,7 +76,11 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
     if isinstance(step, Gate):
         signal, gate = args
         return signal * gate
-    raise AssertionError(type(step))  # MaxPool/Reshape/Meta are handled by the caller
+    if isinstance(step, LayerNorm):
+        x = args[0]
+        w, b = (None if t is None else t.to(x.dtype) for t in (step.weight, step.bias))
+        return F.layer_norm(x, step.normalized_shape, w, b, step.eps)
+    raise AssertionError(type(step))  # MaxPool/Reshape/Meta/Constant: handled by the caller
 
 
 def _last_reads(plan: Plan) -> list[list[int]]:
@@ -115,6 +119,8 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 tape.shapes[i] = [args[0].shape]
             elif isinstance(step, Meta):
                 out = step.fn(*resolve(step.args, values), **resolve(step.kwargs, values))
+            elif isinstance(step, Constant):  # in the forward's dtype, as weights are
+                out = step.value.to(x.dtype)
             else:
                 out = _forward_step(step, args, weights, i)
                 if isinstance(step, Cat):

@@ -12,7 +12,10 @@ Step kinds (one class each):
 - ``MaxPool``  MaxPool* / AdaptiveMaxPool*; relevance goes to the winning element.
 - ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose; relevance follows
   the element.
-- ``Gate``     a product with a gate (squeeze-excitation): relevance to the signal only.
+- ``Gate``     a product with a gate (squeeze-excitation) or a constant (layer scale):
+  relevance to the signal only.
+- ``Constant`` a parameter or number used directly in ``forward``.
+- ``LayerNorm`` layer normalisation, linear in its input with ``σ`` held constant.
 - ``Add``      residual sum of two or more tensors.
 - ``Cat``      concatenation; each input receives its slice.
 - ``Meta``     non-tensor values (``x.size(0)``) that shape arguments of other steps need.
@@ -144,12 +147,32 @@ class Reshape(Step):
 
 @dataclass(frozen=True, eq=False)
 class Gate(Step):
-    """``z = signal ⊙ gate`` (broadcasting either way), ``gate`` the slot of a Sigmoid,
-    Hardsigmoid or Softmax output (through reshapes): a product whose relevance goes to the
-    signal (``inputs``) only; the gate is read, never given relevance (RLRP_SPEC.md,
-    "Gates: the signal takes all")."""
+    """``z = signal ⊙ gate`` (broadcasting either way), ``gate`` the slot of a Sigmoid or
+    Hardsigmoid output (through reshapes) or of a :class:`Constant` (a layer scale): a product
+    whose relevance goes to the signal (``inputs``) only; the gate is read, never given
+    relevance (RLRP_SPEC.md, "Gates: the signal takes all", "Scaling by a constant")."""
 
     gate: int
+
+
+@dataclass(frozen=True, eq=False)
+class Constant(Step):
+    """A parameter, buffer or number used directly in ``forward`` (a layer scale): no inputs,
+    takes no relevance. ``value`` is the model's own tensor, read in place."""
+
+    value: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class LayerNorm(Step):
+    """``z = γ ⊙ (x − μ) / σ + β`` over the last ``len(normalized_shape)`` dims, ``σ`` the
+    biased standard deviation with ``eps``. For relevance ``σ`` is held constant, so it is the
+    linear map ``J = diag(γ/σ)(I − 11ᵀ/n)`` of each normalised group (RLRP_SPEC.md)."""
+
+    normalized_shape: tuple[int, ...]
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
 
 
 @dataclass(frozen=True, eq=False)

@@ -51,8 +51,8 @@ from typing import Sequence
 
 import torch
 
-from .plan import (Activation, Add, Affine, Cat, Gate, MaxPool, Meta, Plan, Pool, Reshape, Scale,
-                   SlotRef)
+from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
+                   Pool, Reshape, Scale, SlotRef)
 
 DTYPE = torch.float64
 
@@ -407,6 +407,10 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
             out = torch.cat(args, dim=step.dim)
         elif isinstance(step, Gate):
             out = args[0] * values[step.gate]
+        elif isinstance(step, Constant):
+            out = step.value.to(DTYPE)
+        elif isinstance(step, LayerNorm):
+            out = _layer_norm(step, args[0])
         elif isinstance(step, Meta):
             out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
         else:
@@ -697,6 +701,9 @@ def _explain(plan, x, rule, target, output_relevance, trace, options):
         if isinstance(step, Gate):
             parts = [_gate_backward(step, r_z, inputs[0], fw.values[step.gate], rule, options)]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        elif isinstance(step, LayerNorm):
+            parts = [_layer_norm_backward(step, r_z, inputs[0], rule, options)]
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif k in formulas:
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
         else:
@@ -737,6 +744,45 @@ def _linear_backward(k, step, fw, r_z, formula_params, records, inputs):
                                 op.matrix, r, c, r_tilde, r_a))
     sizes = [math.prod(s) for s in op.in_shapes]
     return [part.view(n, *s) for part, s in zip(r_a.split(sizes, dim=1), op.in_shapes)]
+
+
+def _layer_norm_parts(step: LayerNorm, x: torch.Tensor):
+    """Per normalised group (rows of ``x`` flattened to (N, G, n)): ``σ`` and ``γ`` (n,)."""
+    n = math.prod(step.normalized_shape)
+    groups = x.to(DTYPE).reshape(x.shape[0], -1, n)
+    mean = groups.sum(2, keepdim=True) / n
+    sigma = torch.sqrt(((groups - mean) ** 2).sum(2, keepdim=True) / n + step.eps)
+    gamma = (torch.ones(n, dtype=DTYPE) if step.weight is None
+             else step.weight.to(DTYPE).reshape(n))
+    return groups, mean, sigma, gamma, n
+
+
+def _layer_norm(step: LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    groups, mean, sigma, gamma, _ = _layer_norm_parts(step, x)
+    out = (groups - mean) / sigma * gamma
+    if step.bias is not None:
+        out = out + step.bias.to(DTYPE).reshape(-1)
+    return out.view(x.shape)
+
+
+def _layer_norm_backward(step, r_z, x, rule, options) -> torch.Tensor:
+    """σ held constant, each group is the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``: R-LRP's
+    contributions ``c_ij = x_i J_ji R_j`` (``norm="neuron"``: divided by
+    ``s_j = Σ_i |x_i J_ji|``), written out as the full matrix per group, then renormalised per
+    sample. Classic rules: identity (LXT)."""
+    if rule != "rlrp":
+        return r_z.to(DTYPE)
+    groups, _, sigma, gamma, n = _layer_norm_parts(step, x)
+    r = r_z.to(DTYPE).reshape(groups.shape)
+    centring = torch.eye(n, dtype=DTYPE) - 1.0 / n                    # (I − 11ᵀ/n)[j, i]
+    jac = (gamma[:, None] / sigma[..., None]) * centring              # (N, G, n_j, n_i)
+    c = groups[:, :, None, :] * jac * r[..., None]                    # c[n, g, j, i]
+    if options["norm"] == "neuron":
+        s = (groups[:, :, None, :] * jac).abs().sum(3, keepdim=True)
+        c = torch.where(s > 0, c / torch.where(s > 0, s, torch.ones_like(s)),
+                        torch.zeros_like(c))
+    r_tilde = c.sum(2).reshape(x.shape[0], -1)
+    return _renormalise(r_tilde, r_z.reshape(x.shape[0], -1)).view(x.shape)
 
 
 def _gate_backward(step, r_z, signal, gate, rule, options) -> torch.Tensor:

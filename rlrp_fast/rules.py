@@ -22,7 +22,7 @@ import torch
 from .backends import Backend
 from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, share_mass,
                        stabilize)
-from .plan import Add, Affine, Gate, Plan, Pool, Scale, Step, scale_rows
+from .plan import Add, Affine, Gate, LayerNorm, Plan, Pool, Scale, Step, scale_rows
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
 COMPOSITES = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat")
@@ -186,9 +186,36 @@ class RlrpGate:
 
 
 @dataclass(frozen=True)
+class RlrpLayerNorm:
+    """Layer normalisation with ``σ`` held constant: the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``
+    per normalised group, ``R̃_x = x ⊙ (Jᵀ R)`` (``norm="neuron"``: ``Jᵀ (R / s)`` with
+    ``s = |J||x| = |γ/σ| ⊙ ((1 − 2/n)|x| + Σ|x|/n)``), renormalised per sample. ``σ`` is the
+    forward's own ``√(biased var + eps)``, never small."""
+
+    neuron: bool = False
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        g = r.value
+        x = inputs[0].to(g.dtype)
+        dims = tuple(range(-len(step.normalized_shape), 0))
+        n = math.prod(step.normalized_shape)
+        sigma = torch.sqrt(x.var(dims, correction=0, keepdim=True) + step.eps)
+        scale = 1 / sigma if step.weight is None else step.weight.to(g.dtype) / sigma
+        if self.neuron:
+            size = x.abs()
+            s = scale.abs() * ((1 - 2 / n) * size + size.sum(dims, keepdim=True) / n)
+            g = safe_ratio(g, s)
+        u = g * scale
+        r_tilde = x * (u - u.mean(dims, keepdim=True))
+        return [Rel(r_tilde, r.mass, l1_per_sample(r_tilde))]
+
+
+@dataclass(frozen=True)
 class PassToSignal:
-    """The classic rules at a gate (zennit/LXT): the gate is a constant and the signal the
-    only contributor to each output, so the signal receives the relevance itself."""
+    """The classic rules at a gate or constant scale (zennit/LXT): the gate is a constant and
+    the signal the only contributor to each output, so the signal receives the relevance
+    itself; at a layer norm, LXT's identity through the normalisation."""
 
     needs_output = False
 
@@ -334,11 +361,13 @@ class Rule:
         return [self._for_step(step, step is first, dtype) for step in plan.steps]
 
     def _for_step(self, step: Step, is_first: bool, dtype: torch.dtype) -> Propagator | None:
-        if not isinstance(step, (Affine, Pool, Scale, Add, Gate)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm)):
             return None
         o = self.options
         if isinstance(step, Gate):
             return RlrpGate(o["norm"] == "neuron") if self.name == "rlrp" else PassToSignal()
+        if isinstance(step, LayerNorm):  # classic rules: identity through normalisation (LXT)
+            return RlrpLayerNorm(o["norm"] == "neuron") if self.name == "rlrp" else PassToSignal()
         if self.name == "rlrp":
             neuron = o["norm"] == "neuron"
             if isinstance(step, Affine):
