@@ -88,17 +88,17 @@ class TwoSignals(nn.Module):
         return self.out(self.a(x) * self.b(x))
 
 
-class Scaled(nn.Module):
+class ScaledByShape(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc(x) * 0.5
+        return self.fc(x) * x.size(1)
 
 
 @pytest.mark.parametrize("cls,match", [(TwoSignals, "product of two signals"),
-                                       (Scaled, "not scaling by a constant")])
+                                       (ScaledByShape, "a product with a shape value")])
 def test_other_products_are_refused_by_name(cls, match):
     with pytest.raises(UnsupportedModelError, match=match):
         rlrp_fast.Explainer(cls().eval())
