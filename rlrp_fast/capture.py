@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
-                   Plan, Pool, Reshape, Scale, SlotRef, Step)
+                   Plan, Pool, Reshape, Scale, Select, SlotRef, Step)
 
 SUPPORTED_OPS = (
     "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
@@ -30,7 +30,8 @@ SUPPORTED_OPS = (
     "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
     "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
     "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
-    "tensor + tensor (operator +, +=, torch.add, Tensor.add); torch.cat; shape arithmetic "
+    "tensor + tensor (operator +, +=, torch.add, Tensor.add); torch.cat; chunk, split, unbind, "
+    "tensor_split and indexing by ints and slices (x[:, 0]); shape arithmetic "
     "(x.size(), x.shape, x.dim())"
 )
 
@@ -82,6 +83,10 @@ _ACTIVATION_FUNCTIONS: dict[Any, Callable] = {
 # gate is computed from the signal itself (x * sigmoid(x) is SiLU written out).
 _GATES = {torch.sigmoid: F.silu, F.hardsigmoid: F.hardswish}
 _MUL_FUNCTIONS = {operator.mul, torch.mul}
+# Functions returning a tuple of views of their input, taken apart by getitem.
+_PART_FUNCTIONS = {torch.chunk: torch.chunk, torch.split: torch.split,
+                   torch.unbind: torch.unbind, torch.tensor_split: torch.tensor_split}
+_PART_METHODS = {"chunk", "split", "unbind", "tensor_split"}
 _ACTIVATION_METHODS = {"relu": F.relu, "relu_": F.relu, "sigmoid": torch.sigmoid,
                        "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
 
@@ -209,6 +214,8 @@ class _Builder:
         self.view_of: dict[int, int] = {}  # slot of a reshape's output → slot of its input
         self.gate_of: dict[int, tuple[Callable, int]] = {}  # gate slot → (activation, its input)
         self.constants: dict[fx.Node, torch.Tensor] = {}  # get_attr nodes
+        # chunk/split/unbind nodes (tuples of parts): node → (source slot, fn, args, kwargs)
+        self.parts_of: dict[fx.Node, tuple] = {}
         self.position: dict[fx.Node, int] = {}
 
     # -- helpers -----------------------------------------------------------------------------
@@ -241,7 +248,7 @@ class _Builder:
         self.steps.append(cls(name=node.name, target=self.describe(node), inputs=inputs,
                               output=self.new_slot(node), **fields))
         out = self.slot_of[node]
-        if cls is Reshape:  # may share memory with its input (matters for in-place ops)
+        if cls in (Reshape, Select):  # may share memory with its input (in-place ops)
             self.view_of[out] = inputs[0]
             if inputs[0] in self.gate_of:  # a gate reshaped (or broadcast) is still a gate
                 self.gate_of[out] = self.gate_of[inputs[0]]
@@ -401,6 +408,10 @@ class _Builder:
             raise _unsupported(node, self.describe(node), "shape arithmetic with this function")
         if fn is getattr and node.args[1] == "shape":
             self.emit_meta(node, fn)
+        elif fn is operator.getitem:
+            self.on_getitem(node)
+        elif fn in _PART_FUNCTIONS:
+            self.on_parts(node, _PART_FUNCTIONS[fn])
         elif fn in _ADD_FUNCTIONS:
             self.on_add(node)
         elif fn in _ACTIVATION_FUNCTIONS:
@@ -441,12 +452,14 @@ class _Builder:
             self.on_reshape(node, getattr(torch.Tensor, method))
         elif method in ("permute", "transpose"):
             self.on_permute(node, method)
-        elif method == "contiguous":
-            self.alias(node, node.args[0])
+        elif method == "contiguous":  # a real op: a view(...) after a transpose needs it
+            self.on_reshape(node, torch.Tensor.contiguous)
         elif method == "mean":
             self.on_mean(node)
         elif method == "mul":
             self.on_mul(node)
+        elif method in _PART_METHODS:
+            self.on_parts(node, getattr(torch.Tensor, method))
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -473,6 +486,28 @@ class _Builder:
             raise _unsupported(node, self.describe(node),
                                "adding a constant to a tensor (only tensor + tensor)")
         self.emit(node, Add, tuple(self.slot_of[a] for a in operands))
+
+    def on_parts(self, node: fx.Node, fn: Callable) -> None:
+        """``chunk``/``split``/``unbind``: a tuple of views, taken apart by ``getitem``."""
+        src = self.tensor_slot(node, node.args[0])
+        self.parts_of[node] = (src, fn, self.refs(node.args[1:]), self.refs(node.kwargs))
+
+    def on_getitem(self, node: fx.Node) -> None:
+        base, index = node.args
+        if base in self.parts_of:
+            src, fn, args, kwargs = self.parts_of[base]
+            if not isinstance(index, int):
+                raise _unsupported(node, self.describe(node), "a part index computed at run time")
+            self.emit(node, Select, (src,), fn=fn, args=args, kwargs=kwargs, pick=index)
+            return
+        src = self.tensor_slot(node, base)
+        parts = index if isinstance(index, tuple) else (index,)
+        if not all(p is None or p is Ellipsis or isinstance(p, (int, slice, fx.Node))
+                   for p in parts) or any(isinstance(p, fx.Node) and p not in self.is_meta
+                                          for p in parts):
+            raise _unsupported(node, self.describe(node),
+                               "indexing by a tensor or list (only ints, slices, None, ...)")
+        self.emit(node, Select, (src,), fn=operator.getitem, args=self.refs((index,)))
 
     def on_layer_norm(self, node: fx.Node, module: nn.Module | None = None) -> None:
         if module is not None:

@@ -9,7 +9,7 @@ through, max-pool routes it to the winner, reshapes and cats route it by element
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .backends import Backend
 from .backends.torch_backend import pool_forward
 from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
-                   Pool, Reshape, Scale, Step, resolve, scale_rows, step_reads)
+                   Pool, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
 from .rules import Propagator
 
@@ -30,6 +30,7 @@ class Tape:
     outputs: dict[int, torch.Tensor]
     pool_indices: dict[int, torch.Tensor]
     shapes: dict[int, list[torch.Size]]
+    selections: dict[int, tuple] = field(default_factory=dict)  # Select: resolved arguments
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -117,6 +118,10 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
             elif isinstance(step, Reshape):
                 out = step.fn(args[0], *resolve(step.args, values), **resolve(step.kwargs, values))
                 tape.shapes[i] = [args[0].shape]
+            elif isinstance(step, Select):
+                chosen = (resolve(step.args, values), resolve(step.kwargs, values))
+                out = step.apply(args[0], *chosen)
+                tape.shapes[i], tape.selections[i] = [args[0].shape], chosen
             elif isinstance(step, Meta):
                 out = step.fn(*resolve(step.args, values), **resolve(step.kwargs, values))
             elif isinstance(step, Constant):  # in the forward's dtype, as weights are
@@ -233,7 +238,7 @@ def _repeated(tape: Tape, repeat: int) -> Tape:
     shapes = {i: [torch.Size((s[0] * repeat, *s[1:])) if len(s) else s for s in ss]
               for i, ss in tape.shapes.items()}
     return Tape(_RepeatedRows(tape.inputs, repeat), _RepeatedRows(tape.outputs, repeat),
-                _RepeatedRows(tape.pool_indices, repeat), shapes)
+                _RepeatedRows(tape.pool_indices, repeat), shapes, tape.selections)
 
 
 def _unit_max(r: Rel) -> Rel:
@@ -271,6 +276,15 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
     if isinstance(step, Reshape):
         value = step.undo(r.value) if step.undo is not None else r.value.reshape(tape.shapes[i][0])
         return [Rel(value, r.mass, r.l1)]
+    if isinstance(step, Select):  # the same selection on zeros is a view to fill
+        (shape,) = tape.shapes[i]
+        out = r.value.new_zeros(shape)
+        part = step.apply(out, *tape.selections.pop(i))
+        if part.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            raise NotImplementedError(f"{step.target!r} (node {step.name!r}) selects by a "
+                                      "tensor index (a copy, not a view): not supported")
+        part.copy_(r.value)
+        return [Rel(out, r.mass, r.l1)]
     if isinstance(step, Cat):
         sizes = [s[step.dim] for s in tape.shapes[i]]
         return share_mass(list(torch.split(r.value, sizes, dim=step.dim)), r.mass)

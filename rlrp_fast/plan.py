@@ -18,6 +18,7 @@ Step kinds (one class each):
 - ``LayerNorm`` layer normalisation, linear in its input with ``σ`` held constant.
 - ``Add``      residual sum of two or more tensors.
 - ``Cat``      concatenation; each input receives its slice.
+- ``Select``   a part of a tensor (chunk, split, unbind, slicing); the rest gets nothing.
 - ``Meta``     non-tensor values (``x.size(0)``) that shape arguments of other steps need.
 """
 from __future__ import annotations
@@ -176,6 +177,22 @@ class LayerNorm(Step):
 
 
 @dataclass(frozen=True, eq=False)
+class Select(Step):
+    """A part of a tensor, as a view: ``z = fn(a, *args, **kwargs)``, then ``[pick]`` when
+    ``fn`` returns several parts (``chunk``, ``split``, ``unbind``), or basic indexing
+    (``x[:, 0]``, slices). Relevance goes back to the selected elements, 0 elsewhere."""
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    pick: int | None = None
+
+    def apply(self, a: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        out = self.fn(a, *args, **kwargs)
+        return out if self.pick is None else out[self.pick]
+
+
+@dataclass(frozen=True, eq=False)
 class Add(Step):
     """``z = Σ inputs`` (broadcasting is refused at run time)."""
 
@@ -227,7 +244,7 @@ def step_reads(step: Step) -> list[int]:
     slots = list(step.inputs)
     if isinstance(step, Gate):
         slots.append(step.gate)
-    if isinstance(step, (Reshape, Meta)):
+    if isinstance(step, (Reshape, Meta, Select)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
     return slots
 

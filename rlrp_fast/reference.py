@@ -52,7 +52,7 @@ from typing import Sequence
 import torch
 
 from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
-                   Pool, Reshape, Scale, SlotRef)
+                   Pool, Reshape, Scale, Select, SlotRef)
 
 DTYPE = torch.float64
 
@@ -403,6 +403,8 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
             fw.pool_indices[k] = winners
         elif isinstance(step, Reshape):
             out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
+        elif isinstance(step, Select):
+            out = step.apply(args[0], _resolve(step.args, values), _resolve(step.kwargs, values))
         elif isinstance(step, Cat):
             out = torch.cat(args, dim=step.dim)
         elif isinstance(step, Gate):
@@ -822,6 +824,10 @@ def _route_backward(step, r_z, inputs, winners, values) -> list[torch.Tensor]:
         # x.size(0) are read from the forward's slot values).
         args, kwargs = _resolve(step.args, values), _resolve(step.kwargs, values)
         return _route_by_index(lambda pos: step.fn(pos[0], *args, **kwargs),
+                               [tuple(inputs[0].shape)], r_z)
+    if isinstance(step, Select):
+        args, kwargs = _resolve(step.args, values), _resolve(step.kwargs, values)
+        return _route_by_index(lambda pos: step.apply(pos[0], args, kwargs),
                                [tuple(inputs[0].shape)], r_z)
     if isinstance(step, Cat):
         return _route_by_index(lambda pos: torch.cat(pos, dim=step.dim),
