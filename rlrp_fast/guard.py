@@ -58,9 +58,11 @@ class ModelGuard:
         self._model = model
         named = list(model.named_modules())
         self.modules = [m for _, m in named]
-        # (owner dict, its entries): the tree and every tensor slot, by object identity
-        self._slots = [(name, d, tuple(d.items())) for name, m in named
-                       for d in (m._modules, m._parameters, m._buffers)]
+        # every module's children, parameters and buffers dicts: the tree, by object identity
+        self._owners = [name for name, m in named for _ in range(3)]
+        self._dicts = [d for _, m in named for d in (m._modules, m._parameters, m._buffers)]
+        self._snapshot = [tuple(d.items()) for d in self._dicts]
+        self._ids = self._tree_ids()
         self._names = {id(t): f"{name}.{key}" if name else key for name, m in named
                        for key, t in [*m._parameters.items(), *m._buffers.items()]
                        if t is not None}
@@ -74,22 +76,28 @@ class ModelGuard:
         self._derived = _derived(model)
         self._contents = self._derived_contents()
 
+    def _tree_ids(self) -> list[tuple]:
+        return [(k, id(v)) for d in self._dicts for k, v in d.items()]
+
     def _tensor_state(self) -> list[tuple]:
         return [(t.data_ptr(), t._version, t.dtype, t.device) for t in self._tensors]
 
     def _derived_contents(self) -> dict[torch.dtype, torch.Tensor]:
-        groups: dict[torch.dtype, list[torch.Tensor]] = {}
-        for _, t in self._derived:
-            groups.setdefault(t.dtype, []).append(t.detach().reshape(-1))
-        return {dtype: torch.cat(ts) for dtype, ts in groups.items()}
+        # flat views made once (a new storage is caught by the data_ptr check before this)
+        if not hasattr(self, "_flat"):
+            self._flat: dict[torch.dtype, list[torch.Tensor]] = {}
+            for _, t in self._derived:
+                self._flat.setdefault(t.dtype, []).append(t.detach().view(-1))
+        return {dtype: torch.cat(ts) for dtype, ts in self._flat.items()}
 
     def check(self) -> None:
         """Raise :class:`StaleModelError` (or ``ValueError`` for training mode) naming what
         changed since the snapshot."""
         check_eval(self._model, self.modules)
-        for owner, d, items in self._slots:
-            if len(d) != len(items) or any(d.get(k) is not v for k, v in items):
-                raise StaleModelError(self._message(self._tree_change(owner, d, items)))
+        if self._tree_ids() != self._ids:  # objects stay alive: their ids cannot be reused
+            for owner, d, items in zip(self._owners, self._dicts, self._snapshot):
+                if len(d) != len(items) or any(d.get(k) is not v for k, v in items):
+                    raise StaleModelError(self._message(self._tree_change(owner, d, items)))
         state = self._tensor_state()
         if state != self._state:
             i = next(i for i, (a, b) in enumerate(zip(state, self._state)) if a != b)
