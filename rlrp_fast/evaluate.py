@@ -444,6 +444,7 @@ def run_full_evaluation(out_dir: str | Path = "docs", n_images: int | None = Non
     faithfulness; ``n_robust`` for robustness, ``n_residual`` for the per-image residual
     cancellation study (ResNet only), ``n_sanity`` for the randomisation check."""
     from . import zoo
+    from .digits import evaluate_accuracy
 
     out_dir = Path(out_dir)
     archs = list(zoo.ARCHS) if archs is None else list(archs)
@@ -454,7 +455,7 @@ def run_full_evaluation(out_dir: str | Path = "docs", n_images: int | None = Non
     residual = None
     for arch in archs:
         model = zoo.load_pretrained(arch)
-        acc = zoo.evaluate_accuracy(model, x_all, y_all)
+        acc = evaluate_accuracy(model, x_all, y_all)
         std = preactivation_std(model, x)
         eps = 0.25 * std
         t0 = time.perf_counter()
