@@ -509,8 +509,9 @@ def _write_markdown(path, faith, sanity, robust, residual, info, x, patch_size, 
             cells.append(_fmt(*M.summarize(d)))
         lines.append(f"| {_BY_KEY[key].label} | " + " | ".join(cells) + " |")
     lines += ["", "## Randomisation check", "",
-              "Mean Spearman ρ (per image, 100 images) between the map of the trained model and "
-              "the map after re-initialising its top 1, top 3 and all Linear/Conv layers.", ""]
+              f"Mean Spearman ρ (per image, {n_sanity} images) between the map of the trained "
+              "model and the map after re-initialising its top 1, top 3 and all Linear/Conv "
+              "layers.", ""]
     keys = list(next(iter(sanity.values()))[0])
     head = "| method | " + " | ".join(
         f"{arch}: top 1 / top 3 / all {n}" for arch, (_, n) in sanity.items()) + " |"
@@ -567,11 +568,15 @@ def evaluate_default(n_images: int = 100, methods: Sequence[str] | None = None,
 if __name__ == "__main__":
     import argparse
 
+    from .zoo import ARCHS
+
     parser = argparse.ArgumentParser(prog="python -m rlrp_fast.evaluate",
                                      description="Run the full evaluation; write docs/.")
-    parser.add_argument("--out-dir", default="docs")
+    parser.add_argument("--out-dir", default="docs",
+                        help="where EVALUATION.md and its two PNGs go (default: docs)")
     parser.add_argument("--n-images", type=int, default=None)
-    parser.add_argument("--archs", nargs="+", default=None)
+    parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=None,
+                        help="models to evaluate (default: all three)")
     parser.add_argument("--n-robust", type=int, default=200)
     parser.add_argument("--n-residual", type=int, default=50)
     parser.add_argument("--n-sanity", type=int, default=100)
