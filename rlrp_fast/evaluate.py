@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics as M
+from .digits import _single_thread, evaluate_accuracy
 from .explainer import Explainer, Explanation
 
 __all__ = ["METHODS", "Method", "RandomMap", "faithfulness_table", "format_table",
@@ -303,6 +304,10 @@ def _shift(method: Method, model: nn.Module, x: torch.Tensor, eps_std: float, no
             "nonfinite2": M.nonfinite_count(r2).double(), "shift": M.map_shift(r, r2)}
 
 
+# The robustness studies move inputs by 1e-6 and put sums within 1e-7 of 0: a conv that splits
+# its reduction over two threads rounds differently and flips which side of 0 (or of a
+# max-pool tie) a value lands on. One thread keeps their tables the same whatever --threads.
+@_single_thread()
 def robustness_study(model: nn.Module, x: torch.Tensor, eps_std: float, noise: float = 1e-6,
                      seed: int = 0, methods: Sequence[str] = _ROBUST_METHODS
                      ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
@@ -317,6 +322,7 @@ def robustness_study(model: nn.Module, x: torch.Tensor, eps_std: float, noise: f
             for name, m in scenarios.items()}
 
 
+@_single_thread()
 def residual_cancellation_study(model: nn.Module, block: nn.Module, x: torch.Tensor,
                                 eps_std: float, delta: float = 1e-7, noise: float = 1e-6,
                                 seed: int = 0, methods: Sequence[str] = _ROBUST_METHODS,
@@ -444,7 +450,6 @@ def run_full_evaluation(out_dir: str | Path = "docs", n_images: int | None = Non
     faithfulness; ``n_robust`` for robustness, ``n_residual`` for the per-image residual
     cancellation study (ResNet only), ``n_sanity`` for the randomisation check."""
     from . import zoo
-    from .digits import evaluate_accuracy
 
     out_dir = Path(out_dir)
     archs = list(zoo.ARCHS) if archs is None else list(archs)
