@@ -37,7 +37,9 @@ CUDA_BATCHES = (1, 32, 256)
 # -- the machine -----------------------------------------------------------------------------
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+            "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            # other jobs on the cores slow every row: a busy machine shows here
+            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in f
@@ -221,11 +223,14 @@ COLUMNS = [("model", "model", "{}"), ("batch", "batch", "{}"), ("label", "method
 
 
 def table(rows: list[dict]) -> str:
-    cells = [[h for _, h, _ in COLUMNS]]
+    """The rows as a text table; a column no row has a value for (memory, in --quick or with
+    --no-memory) is left out."""
+    columns = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows)]
+    cells = [[h for _, h, _ in columns]]
     for row in rows:
         cells.append([("" if row.get(k) is None else f.format(row[k])[:70])
-                      for k, _, f in COLUMNS])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+                      for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = []
     for j, c in enumerate(cells):
         lines.append(" | ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
@@ -234,16 +239,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def header(info: dict, device: torch.device, dtype: str, command: str) -> str:
+def header(info: dict, device: torch.device, dtype: str, command: str,
+           memory: bool = True) -> str:
     lines = [f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['threads']}"
+             + (f", load average {info['load']:.1f} at start" if info["load"] is not None
+                else "")
              + (f", GPU {info['gpu']}" if "gpu" in info else ""),
              f"versions: python {info['python']}, torch {info['torch']}, torchvision "
              f"{info['torchvision']}, zennit {info['zennit']}, captum {info['captum']}",
              f"device: {device}, our methods in {dtype} (the others float32)",
              f"command: {command}",
              "median of n interleaved calls after a warm-up round; × g×i: time ratio to "
-             "gradient × input in the same rounds; peak MB: peak above model+input, one fresh "
-             "process per method (state: what set-up keeps)"]
+             "gradient × input in the same rounds"
+             + ("; peak MB: peak above model+input, one fresh process per method (state: what "
+                "set-up keeps)" if memory else "")]
     return "\n".join(lines)
 
 
@@ -266,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: 224)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     p.add_argument("--quick", action="store_true",
-                   help="reduced set, under 3 minutes on an idle 2-core CPU: batch 1 (digits 1 "
-                        "and 8), 3 rounds, the floor + R-LRP + zennit EpsilonPlus, check at "
-                        "64×64, no memory processes")
+                   help="reduced set, about a minute on an idle 2-core CPU (several "
+                        "minutes when other jobs share the cores): batch 1 "
+                        "(digits 1 and 8), 3 rounds, the floor + R-LRP + zennit EpsilonPlus, "
+                        "check at 64×64, no memory processes")
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -294,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(a.models, batches, keys, a.reps, device, a.dtype, memory=not a.no_memory,
                    check_size=a.check_size, budget_s=a.budget, log=log)
     elapsed = time.perf_counter() - t0
-    print(header(info, device, a.dtype, command))
+    print(header(info, device, a.dtype, command,
+                 memory=any(row.get("peak_mb") is not None for row in rows)))
     print(table(rows))
     print(f"({elapsed:.0f} s)")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

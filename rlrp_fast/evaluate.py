@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics as M
+from .digits import _single_thread, evaluate_accuracy
 from .explainer import Explainer, Explanation
 
 __all__ = ["METHODS", "Method", "RandomMap", "faithfulness_table", "format_table",
@@ -303,6 +304,10 @@ def _shift(method: Method, model: nn.Module, x: torch.Tensor, eps_std: float, no
             "nonfinite2": M.nonfinite_count(r2).double(), "shift": M.map_shift(r, r2)}
 
 
+# The robustness studies move inputs by 1e-6 and put sums within 1e-7 of 0: a conv that splits
+# its reduction over two threads rounds differently and flips which side of 0 (or of a
+# max-pool tie) a value lands on. One thread keeps their tables the same whatever --threads.
+@_single_thread()
 def robustness_study(model: nn.Module, x: torch.Tensor, eps_std: float, noise: float = 1e-6,
                      seed: int = 0, methods: Sequence[str] = _ROBUST_METHODS
                      ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
@@ -317,6 +322,7 @@ def robustness_study(model: nn.Module, x: torch.Tensor, eps_std: float, noise: f
             for name, m in scenarios.items()}
 
 
+@_single_thread()
 def residual_cancellation_study(model: nn.Module, block: nn.Module, x: torch.Tensor,
                                 eps_std: float, delta: float = 1e-7, noise: float = 1e-6,
                                 seed: int = 0, methods: Sequence[str] = _ROBUST_METHODS,
@@ -454,7 +460,7 @@ def run_full_evaluation(out_dir: str | Path = "docs", n_images: int | None = Non
     residual = None
     for arch in archs:
         model = zoo.load_pretrained(arch)
-        acc = zoo.evaluate_accuracy(model, x_all, y_all)
+        acc = evaluate_accuracy(model, x_all, y_all)
         std = preactivation_std(model, x)
         eps = 0.25 * std
         t0 = time.perf_counter()
@@ -508,8 +514,9 @@ def _write_markdown(path, faith, sanity, robust, residual, info, x, patch_size, 
             cells.append(_fmt(*M.summarize(d)))
         lines.append(f"| {_BY_KEY[key].label} | " + " | ".join(cells) + " |")
     lines += ["", "## Randomisation check", "",
-              "Mean Spearman ρ (per image, 100 images) between the map of the trained model and "
-              "the map after re-initialising its top 1, top 3 and all Linear/Conv layers.", ""]
+              f"Mean Spearman ρ (per image, {n_sanity} images) between the map of the trained "
+              "model and the map after re-initialising its top 1, top 3 and all Linear/Conv "
+              "layers.", ""]
     keys = list(next(iter(sanity.values()))[0])
     head = "| method | " + " | ".join(
         f"{arch}: top 1 / top 3 / all {n}" for arch, (_, n) in sanity.items()) + " |"
@@ -566,11 +573,15 @@ def evaluate_default(n_images: int = 100, methods: Sequence[str] | None = None,
 if __name__ == "__main__":
     import argparse
 
+    from .zoo import ARCHS
+
     parser = argparse.ArgumentParser(prog="python -m rlrp_fast.evaluate",
                                      description="Run the full evaluation; write docs/.")
-    parser.add_argument("--out-dir", default="docs")
+    parser.add_argument("--out-dir", default="docs",
+                        help="where EVALUATION.md and its two PNGs go (default: docs)")
     parser.add_argument("--n-images", type=int, default=None)
-    parser.add_argument("--archs", nargs="+", default=None)
+    parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=None,
+                        help="models to evaluate (default: all three)")
     parser.add_argument("--n-robust", type=int, default=200)
     parser.add_argument("--n-residual", type=int, default=50)
     parser.add_argument("--n-sanity", type=int, default=100)

@@ -206,11 +206,15 @@ def _main(argv: list[str] | None = None) -> int:
         description="Retrain the evaluation models on the digits and write their weights.")
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=list(ARCHS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="default: each architecture's recipe (8 or 10)")
     parser.add_argument("--out-dir", type=Path, default=_DATA)
     args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
     for arch in args.arch:
         t0 = time.perf_counter()
-        model, accuracy = train(arch, seed=args.seed)
+        model, accuracy = train(arch, seed=args.seed, epochs=args.epochs)
         seconds = time.perf_counter() - t0
         out = args.out_dir / f"zoo_{arch}.pt"
         out.parent.mkdir(parents=True, exist_ok=True)
