@@ -532,7 +532,7 @@ def layer_diagnostics(explainer, x: torch.Tensor, target=None) -> list[LayerDiag
     backend); routing steps (activations, max-pool, reshapes) are conservative by construction
     and not listed."""
     from .engine import run_forward, run_relevance
-    from .explainer import _output_relevance
+    from .explainer import _output_relevance, _Request
 
     if getattr(explainer, "_plan", None) is None:
         raise ValueError("layer_diagnostics needs an Explainer with a relevance rule "
@@ -545,7 +545,7 @@ def layer_diagnostics(explainer, x: torch.Tensor, target=None) -> list[LayerDiag
     with torch.inference_mode():
         logits, tape = run_forward(explainer._plan, x, weights, wrapped)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        r_out, _ = _output_relevance(logits, target, None, dtype)
+        r_out, _ = _output_relevance(logits, _Request(target, None, None), dtype)
         run_relevance(explainer._plan, tape, r_out, explainer._backend, wrapped,
                       keep_mass=explainer._rule.keeps_mass)
     return log
