@@ -157,7 +157,7 @@ def _fold(step: Affine, scale: torch.Tensor, shift: torch.Tensor, name: str) -> 
     weights resident (93 MB on ResNet50, more than one batch-1 explanation uses)."""
     b = shift if step.bias is None else step.bias.double() * scale + shift
     return Affine(name=step.name, target=f"{step.target}+{name}", inputs=step.inputs,
-                  output=step.output, weight=step.weight, bias=b.to(step.weight.dtype),
+                  output=step.output, module=step.module, weight=step.weight, bias=b.to(step.weight.dtype),
                   conv_dims=step.conv_dims, stride=step.stride, padding=step.padding,
                   dilation=step.dilation, groups=step.groups, channel_scale=scale)
 
@@ -223,8 +223,9 @@ class _Builder:
             raise UnsupportedModelError(f"a tensor ({exc}) is used as a shape argument") from None
 
     def emit(self, node: fx.Node, cls, inputs: tuple[int, ...], **fields) -> None:
+        module = str(node.target) if node.op == "call_module" else None
         self.steps.append(cls(name=node.name, target=self.describe(node), inputs=inputs,
-                              output=self.new_slot(node), **fields))
+                              output=self.new_slot(node), module=module, **fields))
         if cls is Reshape:  # may share memory with its input (matters for in-place ops)
             self.view_of[self.slot_of[node]] = inputs[0]
 
