@@ -157,9 +157,10 @@ def _fold(step: Affine, scale: torch.Tensor, shift: torch.Tensor, name: str) -> 
     weights resident (93 MB on ResNet50, more than one batch-1 explanation uses)."""
     b = shift if step.bias is None else step.bias.double() * scale + shift
     return Affine(name=step.name, target=f"{step.target}+{name}", inputs=step.inputs,
-                  output=step.output, module=step.module, weight=step.weight, bias=b.to(step.weight.dtype),
+                  output=step.output, weight=step.weight, bias=b.to(step.weight.dtype),
                   conv_dims=step.conv_dims, stride=step.stride, padding=step.padding,
-                  dilation=step.dilation, groups=step.groups, channel_scale=scale)
+                  dilation=step.dilation, groups=step.groups, channel_scale=scale,
+                  module=step.module)
 
 
 def _mutated_operand(node: fx.Node, gm: fx.GraphModule) -> Any:

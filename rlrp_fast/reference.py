@@ -543,8 +543,9 @@ def _c_wsquare(op, a, z, r, stabilizer, **_):
     return sq[None] * (r / _stab(zw[None], stabilizer))[:, :, None]
 
 
-_CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ratio, "norm": _c_epsilon, "lrp0": _c_epsilon,
-                  "epsilon": _c_epsilon, "zplus": _c_zplus, "alphabeta": _c_alphabeta,
+_CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ratio,
+                  "norm": _c_epsilon, "lrp0": _c_epsilon, "epsilon": _c_epsilon,
+                  "zplus": _c_zplus, "alphabeta": _c_alphabeta,
                   "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare,
                   "pass": _c_pass}
 _MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass")
