@@ -244,6 +244,11 @@ MIXED = {
                             first=Flat(), base=RLRP(norm="neuron")),
                   dict(conv=ZPlus(), linear=RLRP(norm="neuron"), first=Flat(),
                        other=RLRP(norm="neuron"))),
+    # γ on convs, ε on dense layers, R-LRP with the paper's ratio rule at sums and on pools
+    "ratio_sums": (Composite([(CONVS, Gamma(0.5)), (nn.Linear, Epsilon(0.1))],
+                             base=RLRP(skip="ratio", norm="layer")),
+                   dict(conv=Gamma(0.5), linear=Epsilon(0.1),
+                        other=RLRP(skip="ratio", norm="layer"))),
 }
 
 
@@ -258,8 +263,9 @@ def _mixed_assignment(plan, spec: dict, sums: str = "rlrp") -> dict:
             out[k] = _formula(spec[key])
         elif isinstance(step, (Pool, Scale, Add)):
             formula, params = _formula(spec["other"])
-            if isinstance(step, Add) and formula == "rlrp_neuron":
-                formula = "rlrp"  # sums never take the neuron form
+            if isinstance(step, Add) and isinstance(spec["other"], RLRP):
+                # sums never take the neuron form; skip="ratio" is the paper's rule there
+                formula = "ratio" if spec["other"].skip == "ratio" else "rlrp"
             out[k] = (formula, params)
     return out
 
