@@ -308,7 +308,7 @@ class PassTerms:
 # built and, for each plan step it is assigned to, builds the propagator above that does the
 # work (its modified weights prepared once, per dtype). Adding a rule is one subclass:
 # ``applies_to`` (the step kinds it has a meaning for) and ``propagator``.
-LINEAR_STEPS = (Affine, Pool, Scale, Add)  # the steps a rule is assigned to
+RULED_STEPS = (Affine, Pool, Scale, Add)  # the steps a rule is assigned to
 
 
 class Rule:
@@ -343,7 +343,7 @@ class RLRP(Rule):
     ``norm="neuron"`` splits each neuron's relevance by its inputs' contributions relative
     to their absolute sum (not at sums). Default ``norm``: :data:`DEFAULT_NORM`."""
 
-    applies_to = LINEAR_STEPS
+    applies_to = RULED_STEPS
 
     def __init__(self, norm: str = DEFAULT_NORM, skip: str = "linear") -> None:
         if skip not in ("linear", "ratio"):
@@ -368,7 +368,7 @@ class Norm(Rule):
     means, residual sums and lone BatchNorms; on a Linear/Conv it is LRP-ε with
     ``ε = stabilizer`` (the bias in ``z``), as zennit's."""
 
-    applies_to = LINEAR_STEPS
+    applies_to = RULED_STEPS
 
     def __init__(self, stabilizer: float = 1e-6) -> None:
         self.stabilizer = _stab_param(stabilizer)
@@ -592,7 +592,7 @@ class Composite:
         module the plan was traced from."""
         modules = dict(model.named_modules())
         unknown = sorted(set(self.names) - {s.module for s in plan.steps
-                                            if isinstance(s, LINEAR_STEPS) and s.module})
+                                            if isinstance(s, RULED_STEPS) and s.module})
         for name in unknown:
             if name not in modules:
                 raise ValueError(f"names: the model has no module {name!r}")
@@ -606,7 +606,7 @@ class Composite:
         first = self._first_step(plan, modules)
         rules: list[Rule | None] = []
         for step in plan.steps:
-            if not isinstance(step, LINEAR_STEPS):
+            if not isinstance(step, RULED_STEPS):
                 rules.append(None)
                 continue
             module = modules.get(step.module) if step.module else None
@@ -620,7 +620,7 @@ class Composite:
     def _first_step(self, plan: Plan, modules: dict) -> tuple[Step, Rule] | None:
         for step in plan.steps:
             module = modules.get(step.module) if step.module else None
-            if module is None or not isinstance(step, LINEAR_STEPS):
+            if module is None or not isinstance(step, RULED_STEPS):
                 continue
             for types, rule in self.first:
                 if isinstance(module, types):
