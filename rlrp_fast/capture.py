@@ -173,7 +173,8 @@ def _fold(step: Affine, scale: torch.Tensor, shift: torch.Tensor, name: str) -> 
     return Affine(name=step.name, target=f"{step.target}+{name}", inputs=step.inputs,
                   output=step.output, weight=step.weight, bias=b.to(step.weight.dtype),
                   conv_dims=step.conv_dims, stride=step.stride, padding=step.padding,
-                  dilation=step.dilation, groups=step.groups, channel_scale=scale)
+                  dilation=step.dilation, groups=step.groups, channel_scale=scale,
+                  module=step.module)
 
 
 def _mutated_operand(node: fx.Node, gm: fx.GraphModule) -> Any:
@@ -245,8 +246,9 @@ class _Builder:
             raise UnsupportedModelError(f"a tensor ({exc}) is used as a shape argument") from None
 
     def emit(self, node: fx.Node, cls, inputs: tuple[int, ...], **fields) -> None:
+        module = str(node.target) if node.op == "call_module" else None
         self.steps.append(cls(name=node.name, target=self.describe(node), inputs=inputs,
-                              output=self.new_slot(node), **fields))
+                              output=self.new_slot(node), module=module, **fields))
         out = self.slot_of[node]
         if cls in (Reshape, Select):  # may share memory with its input (in-place ops)
             self.view_of[out] = inputs[0]

@@ -64,8 +64,9 @@ def _explainer(rule: str, **options) -> Callable[[nn.Module, float], object]:
 
 
 METHODS: tuple[Method, ...] = (
-    Method("rlrp", "R-LRP (skip=linear, default)", _explainer("rlrp")),
-    Method("rlrp_ratio", "R-LRP (skip=ratio)", _explainer("rlrp", skip="ratio")),
+    Method("rlrp", "R-LRP (default: norm=layer, skip=linear)", _explainer("rlrp", norm="layer")),
+    Method("rlrp_neuron", "R-LRP (norm=neuron)", _explainer("rlrp", norm="neuron")),
+    Method("rlrp_ratio", "R-LRP (skip=ratio)", _explainer("rlrp", norm="layer", skip="ratio")),
     Method("lrp0", "LRP-0", _explainer("lrp0")),
     Method("eps_1e-6", "LRP-ε (ε=1e-6)", _explainer("epsilon", epsilon=1e-6)),
     Method("eps_std", "LRP-ε (ε=0.25·std)",
@@ -241,7 +242,7 @@ def randomization_table(model: nn.Module, x: torch.Tensor, eps_std: float,
 # =============================================================================================
 # Per-layer conservation / L1 mass
 # =============================================================================================
-_DIAG_METHODS = ("rlrp", "rlrp_ratio", "lrp0", "eps_std", "EpsilonPlus")
+_DIAG_METHODS = ("rlrp", "rlrp_neuron", "rlrp_ratio", "lrp0", "eps_std", "EpsilonPlus")
 
 
 def diagnostics_rows(model: nn.Module, x: torch.Tensor, eps_std: float,
@@ -266,7 +267,7 @@ def diagnostics_rows(model: nn.Module, x: torch.Tensor, eps_std: float,
 # =============================================================================================
 # Robustness
 # =============================================================================================
-_ROBUST_METHODS = ("rlrp", "rlrp_ratio", "lrp0", "eps_1e-6", "eps_std", "gxi")
+_ROBUST_METHODS = ("rlrp", "rlrp_neuron", "rlrp_ratio", "lrp0", "eps_1e-6", "eps_std", "gxi")
 
 
 def _first_preactivation_bias(model: nn.Module, value: float) -> nn.Module:

@@ -15,7 +15,7 @@ from .engine import RelevancePass, run_forward, run_relevance
 from .guard import ModelGuard, check_eval
 from .numerics import l1_per_sample
 from .plan import Affine, Plan
-from .rules import Propagator, make_rule
+from .rules import Composite, Propagator, Rule, make_rule, resolve
 from .verify import verify_logits
 
 GRADIENT_X_INPUT = "gradient_x_input"
@@ -58,10 +58,14 @@ class Explainer:
     Args:
         model: an ``nn.Module`` in eval mode that ``torch.fx`` can trace, built from the
             supported ops (``rlrp_fast.SUPPORTED_OPS``). It is never modified.
-        rule: ``"rlrp"`` (default), a classic rule (``"lrp0"``, ``"epsilon"``, ``"zplus"``,
-            ``"gamma"``, ``"alphabeta"``, ``"zbox"``, ``"flat"``, ``"wsquare"``), a composite
-            (``"EpsilonPlus"``, ``"EpsilonGammaBox"``, ``"EpsilonPlusFlat"``), or
-            ``"gradient_x_input"``.
+        rule: a preset name: ``"rlrp"`` (default: ``rules.RLRP()`` on the whole network),
+            a classic rule (``"lrp0"``, ``"epsilon"``, ``"zplus"``, ``"gamma"``,
+            ``"alphabeta"``, ``"zbox"``, ``"flat"``, ``"wsquare"``: that rule on every
+            Linear/Conv, ``Norm`` on pools and sums), a composite (``"EpsilonPlus"``,
+            ``"EpsilonGammaBox"``, ``"EpsilonPlusFlat"``), or ``"gradient_x_input"``; or a
+            rule object (``rlrp_fast.rules.Epsilon(0.25)``, on the whole network likewise);
+            or a :class:`rlrp_fast.Composite` (which layer gets which rule). Presets are
+            defined in ``rules.make_rule``.
         backend: ``"auto"`` (fastest available), ``"torch"``, ``"triton"`` or ``"cpp"``.
         compile: run the plan's forward and relevance pass through ``torch.compile``
             (torch and cpp backends). Each new batch shape or dtype compiles first (seconds
@@ -76,8 +80,9 @@ class Explainer:
             :class:`rlrp_fast.TraceMismatchError` naming the first step that differs,
             instead of returning a map of a function the model does not compute. Costs one
             forward of the model per new shape (bench/RESULTS.md); ``False`` skips it.
-        **options: the rule's options, e.g. ``skip="ratio"`` for ``rlrp``, ``epsilon=0.25``,
-            ``gamma=0.25``, ``low=..., high=...`` for ``zbox``/``EpsilonGammaBox``.
+        **options: a preset's options, e.g. ``skip="ratio"`` or ``norm="neuron"`` for
+            ``rlrp``, ``epsilon=0.25``, ``gamma=0.25``, ``low=..., high=...`` for
+            ``zbox``/``EpsilonGammaBox`` (a rule object or composite carries its own).
 
     The model's weights are read in place, not copied (BatchNorm is applied as a per-channel
     scale; only the classic rules keep folded or modified copies, z⁺, w², ...): changing the
@@ -86,14 +91,15 @@ class Explainer:
     call from several threads.
     """
 
-    def __init__(self, model: nn.Module, rule: str = "rlrp", backend: str = "auto",
+    def __init__(self, model: nn.Module, rule: str | Rule | Composite = "rlrp",
+                 backend: str = "auto",
                  compile: bool = False, verify: bool = True,  # noqa: A002 (torch's name)
                  **options) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_eval(model)
         self.model = model
-        self.rule_name = rule
+        self.rule_name = rule if isinstance(rule, str) else repr(rule)
         tensors = [*model.parameters(), *model.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self._param_dtype = next((t.dtype for t in tensors if t.is_floating_point()),
@@ -115,8 +121,16 @@ class Explainer:
             self._rule = None
             self._input_layers: list[Affine] = []
             return
-        self._rule = make_rule(rule, **options)
+        if isinstance(rule, str):
+            rule = make_rule(rule, **options)
+        elif not isinstance(rule, (Rule, Composite)):
+            raise TypeError(f"rule must be a preset name, a rule object (rlrp_fast.rules) or "
+                            f"a rlrp_fast.Composite, got {type(rule).__name__}")
+        elif options:
+            raise TypeError(f"options {sorted(options)} go with a preset name; a rule object "
+                            "or composite carries its own parameters")
         self._plan = capture(model)
+        self._rule = resolve(rule, self._plan, model)  # one rule per plan step
         # the Linear/Conv steps that read the input, checked against x on every call
         self._input_layers = [s for s in self._plan.steps if isinstance(s, Affine)
                               and self._plan.input_slot in s.inputs]

@@ -40,12 +40,15 @@ class SlotRef:
 class Step:
     """Base of all steps: ``name`` is the traced node's name (used in messages),
     ``target`` what the user wrote (module path or function name), ``inputs`` the tensor
-    slots relevance flows back to, ``output`` the slot written."""
+    slots relevance flows back to, ``output`` the slot written. ``module`` is the qualified
+    name of the module the step calls (a folded conv+BatchNorm: the conv's), None for a
+    function or method call; composites match layers to rules through it."""
 
     name: str
     target: str
     inputs: tuple[int, ...]
     output: int
+    module: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True, eq=False)

@@ -39,6 +39,14 @@ Rules (same names and meaning as ``rules.py``):
 - The composites ``"EpsilonPlus"`` (conv: z⁺, linear: ε), ``"EpsilonGammaBox"`` (first conv:
   zB, other convs: γ, linear: ε) and ``"EpsilonPlusFlat"`` (first Affine of either kind: flat,
   convs: z⁺, linear: ε). "First" is the first in the plan's (forward) order.
+- Any other assignment (a composite: rules chosen layer by layer) is given as a mapping
+  ``{step index: (formula, params)}`` covering every linear step, the formulas being
+  ``"rlrp"``, ``"rlrp_neuron"``, ``"ratio"`` (R-LRP's), ``"norm"``/``"lrp0"``/``"epsilon"``
+  (param ``eps``), ``"zplus"``, ``"alphabeta"``, ``"gamma"``, ``"zbox"``, ``"flat"``,
+  ``"wsquare"`` (params as in :func:`contributions`), and ``"pass"`` (``R_a = R_z``, for a
+  lone BatchNorm). R-LRP steps renormalise against the L1 norm of the relevance arriving
+  at them; forks and max-pools keep the arriving L1 mass only when every step is R-LRP's
+  (or ``"pass"``), as for ``"rlrp"``; otherwise relevance is summed plainly.
 
 zennit's stabiliser is ``stab(z) = z + ε·(sign(z) + (z == 0))``; ``ε = 0`` leaves ``z``.
 """
@@ -529,6 +537,13 @@ def _c_flat(op, a, z, r, stabilizer, **_):
     return ones[None] * (r / _stab(ones.sum(1)[None], stabilizer))[:, :, None]
 
 
+def _c_pass(op, a, z, r, **_):
+    """``Pass``: ``c_ij = R_j`` for ``i = j`` (the output has the input's shape)."""
+    if op.matrix.shape[0] != op.matrix.shape[1]:
+        raise ValueError("pass needs an op whose output has its input's shape")
+    return torch.diag_embed(r)
+
+
 def _c_wsquare(op, a, z, r, stabilizer, **_):
     """w²: ``c_ij = w_ji² R_j / stab(Σ_i w_ji² + b_j²)`` (the input is replaced by 1)."""
     sq = op.matrix_of(op.weight ** 2)
@@ -537,9 +552,14 @@ def _c_wsquare(op, a, z, r, stabilizer, **_):
     return sq[None] * (r / _stab(zw[None], stabilizer))[:, :, None]
 
 
-_CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ratio, "norm": _c_epsilon, "lrp0": _c_epsilon,
-                  "epsilon": _c_epsilon, "zplus": _c_zplus, "alphabeta": _c_alphabeta,
-                  "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare}
+_CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ratio,
+                  "norm": _c_epsilon, "lrp0": _c_epsilon, "epsilon": _c_epsilon,
+                  "zplus": _c_zplus, "alphabeta": _c_alphabeta,
+                  "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare,
+                  "pass": _c_pass}
+_MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "layer_norm", "pass_signal")
+# formulas of steps that are not a linear map of all their inputs (written out on their own)
+_ELEMENTWISE = ("gate", "layer_norm", "pass_signal")
 
 
 def contributions(formula: str, op: _LinearOp, a: torch.Tensor, z: torch.Tensor,
@@ -560,7 +580,12 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
     first_conv = next((k for k, s in enumerate(plan.steps)
                        if isinstance(s, Affine) and s.conv_dims), None)
     for k, step in enumerate(plan.steps):
-        if not isinstance(step, (Affine, Pool, Scale, Add)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm)):
+            continue
+        if isinstance(step, (Gate, LayerNorm)):  # the classic rules: the signal takes R
+            kind = "gate" if isinstance(step, Gate) else "layer_norm"
+            out[k] = ((kind, {"norm": options["norm"]}) if rule == "rlrp"
+                      else ("pass_signal", {}))
             continue
         if rule == "rlrp":
             if isinstance(step, Add):  # adds never take the neuron form
@@ -637,7 +662,7 @@ def _route_by_index(fn, shapes: list[tuple[int, ...]], r_z: torch.Tensor) -> lis
     return [r_all[o:o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]
 
 
-def reference_explain(plan: Plan, x: torch.Tensor, rule: str = "rlrp",
+def reference_explain(plan: Plan, x: torch.Tensor, rule: str | dict = "rlrp",
                       target: int | torch.Tensor | None = None,
                       output_relevance: torch.Tensor | None = None, trace: bool = False,
                       **options):
@@ -646,7 +671,8 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str = "rlrp",
     Args:
         plan: from :func:`rlrp_fast.capture.capture`.
         x: input batch ``(N, ...)``; converted to float64.
-        rule: see the module docstring (``"rlrp"``, a classic rule or a composite).
+        rule: see the module docstring (``"rlrp"``, a classic rule or a composite), or a
+            per-step assignment ``{step index: (formula, params)}`` (no ``options`` then).
         target: class per sample (None: arg-max of the logits; int; or (N,) tensor).
         output_relevance: instead of ``target``, the relevance at the logits ``(N, classes)``.
         trace: also return the records of every linear and routing op (backward order).
@@ -657,6 +683,13 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str = "rlrp",
         ``(relevance, logits)``: relevance float64 of ``x``'s shape, logits float64
         ``(N, classes)``; ``(relevance, logits, records)`` when ``trace``.
     """
+    if isinstance(rule, dict):
+        if options:
+            raise TypeError("a per-step assignment carries its own parameters; got options "
+                            f"{sorted(options)}")
+        with torch.no_grad():
+            return _explain(plan, x, _check_assignment(plan, rule), target, output_relevance,
+                            trace)
     if rule not in RULE_OPTIONS:
         raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(RULE_OPTIONS)}")
     unknown = set(options) - set(RULE_OPTIONS[rule])
@@ -670,10 +703,26 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str = "rlrp",
     if rule == "rlrp" and options["norm"] not in ("layer", "neuron"):
         raise ValueError(f"norm must be 'layer' or 'neuron', got {options['norm']!r}")
     with torch.no_grad():
-        return _explain(plan, x, rule, target, output_relevance, trace, options)
+        return _explain(plan, x, _formulas(plan, rule, options), target, output_relevance,
+                        trace)
 
 
-def _explain(plan, x, rule, target, output_relevance, trace, options):
+def _check_assignment(plan: Plan, assignment: dict) -> dict[int, tuple[str, dict]]:
+    """A per-step assignment, checked: exactly the linear steps, known formulas."""
+    linear = {k for k, s in enumerate(plan.steps)
+              if isinstance(s, (Affine, Pool, Scale, Add, Gate, LayerNorm))}
+    if set(assignment) != linear:
+        raise ValueError(f"the assignment must cover exactly the linear steps {sorted(linear)}; "
+                         f"got {sorted(assignment)}")
+    out = {}
+    for k, (formula, params) in assignment.items():
+        if formula not in _CONTRIBUTIONS and formula not in _ELEMENTWISE:
+            raise ValueError(f"step {k}: unknown formula {formula!r}")
+        out[k] = (formula, dict(params))
+    return out
+
+
+def _explain(plan, x, formulas, target, output_relevance, trace):
     fw = _forward(plan, x)
     logits = fw.values[plan.output_slot]
     n = logits.shape[0]
@@ -689,7 +738,8 @@ def _explain(plan, x, rule, target, output_relevance, trace, options):
         for s in range(n):
             r_out[s, target[s]] = logits[s, target[s]]
 
-    formulas = _formulas(plan, rule, options)
+    # relevance keeps its L1 mass at forks and max-pools when every step is R-LRP's
+    keeps_mass = all(f in _MASS_KEEPING for f, _ in formulas.values())
     records: list = []
     # per slot, the relevance arriving from each consumer (summed when the slot is read)
     arrived: list[list[torch.Tensor]] = [[] for _ in range(plan.num_slots)]
@@ -698,19 +748,19 @@ def _explain(plan, x, rule, target, output_relevance, trace, options):
         step = plan.steps[k]
         if not arrived[step.output] or isinstance(step, Meta):
             continue
-        r_z = _fork(arrived[step.output], rule)
+        r_z = _fork(arrived[step.output], keeps_mass)
         inputs = [fw.values[s] for s in step.inputs]
         if isinstance(step, Gate):
-            parts = [_gate_backward(step, r_z, inputs[0], fw.values[step.gate], rule, options)]
+            parts = [_gate_backward(step, r_z, inputs[0], fw.values[step.gate], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, LayerNorm):
-            parts = [_layer_norm_backward(step, r_z, inputs[0], rule, options)]
+            parts = [_layer_norm_backward(step, r_z, inputs[0], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif k in formulas:
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
         else:
             parts = _route_backward(step, r_z, inputs, fw.pool_indices.get(k), fw.values)
-            if rule == "rlrp" and isinstance(step, MaxPool):
+            if keeps_mass and isinstance(step, MaxPool):
                 # overlapping windows may sum opposite signs: keep the arriving L1 mass
                 parts = [_renormalise(parts[0], r_z)]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
@@ -718,15 +768,15 @@ def _explain(plan, x, rule, target, output_relevance, trace, options):
             arrived[slot].append(part)
     if not arrived[plan.input_slot]:
         raise ValueError("the model's output does not depend on its input")
-    relevance = _fork(arrived[plan.input_slot], rule)
+    relevance = _fork(arrived[plan.input_slot], keeps_mass)
     return (relevance, logits, records) if trace else (relevance, logits)
 
 
-def _fork(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
+def _fork(parts: list[torch.Tensor], keeps_mass: bool) -> torch.Tensor:
     """Relevance of a tensor read by several consumers: the sum of what each sends back; for
     R-LRP rescaled to the sum of their L1 norms (the spec's fork rule)."""
     total = sum(parts)
-    if rule != "rlrp" or len(parts) == 1:
+    if not keeps_mass or len(parts) == 1:
         return total
     return _rescale(total, sum(_l1(p) for p in parts))
 
@@ -767,12 +817,12 @@ def _layer_norm(step: LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def _layer_norm_backward(step, r_z, x, rule, options) -> torch.Tensor:
+def _layer_norm_backward(step, r_z, x, formula, options) -> torch.Tensor:
     """σ held constant, each group is the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``: R-LRP's
     contributions ``c_ij = x_i J_ji R_j`` (``norm="neuron"``: divided by
     ``s_j = Σ_i |x_i J_ji|``), written out as the full matrix per group, then renormalised per
     sample. Classic rules: identity (LXT)."""
-    if rule != "rlrp":
+    if formula == "pass_signal":
         return r_z.to(DTYPE)
     groups, _, sigma, gamma, n = _layer_norm_parts(step, x)
     r = r_z.to(DTYPE).reshape(groups.shape)
@@ -787,14 +837,14 @@ def _layer_norm_backward(step, r_z, x, rule, options) -> torch.Tensor:
     return _renormalise(r_tilde, r_z.reshape(x.shape[0], -1)).view(x.shape)
 
 
-def _gate_backward(step, r_z, signal, gate, rule, options) -> torch.Tensor:
+def _gate_backward(step, r_z, signal, gate, formula, options) -> torch.Tensor:
     """``z = s ⊙ g`` with ``g`` a gate: the signal takes all. R-LRP: each output element's
     contribution ``c_j = s_j g_j R_j`` (``norm="neuron"``: divided by its absolute value
     ``|s_j g_j|``, 0 where it is 0), summed over the elements a broadcast signal fed, then
     renormalised. Classic rules: the gate is a constant and the signal its only contributor,
     so the signal receives ``R`` itself (zennit/LXT's convention)."""
     s, g = signal.to(DTYPE), gate.to(DTYPE)
-    if rule != "rlrp":
+    if formula == "pass_signal":
         return r_z.sum_to_size(s.shape)
     c = s * g * r_z
     if options["norm"] == "neuron":

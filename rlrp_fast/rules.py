@@ -1,11 +1,16 @@
 """Rules: how each linear op (and residual add) redistributes relevance.
 
-A rule turns a :class:`Plan` into one *propagator* per step that needs one (``Affine``,
-``Pool``, ``Scale``, ``Add``); routing steps (activations, max-pool, reshapes, cat) route
-relevance the same way under every rule and live in ``engine.py``. Rule weights (z⁺, γ, flat,
-w², ...) are derived here once, at construction, and held by the propagators.
+Two layers. *Rule objects* (``RLRP``, ``Epsilon``, ``ZPlus``, ``Gamma``, ``AlphaBeta``,
+``ZBox``, ``Flat``, ``WSquare``, ``Norm``, ``Pass``) are what a user names, with their
+parameters, validated when built; a :class:`Composite` says which layer gets which (zennit's
+vocabulary). Each rule builds, for every plan step it is assigned to (``Affine``, ``Pool``,
+``Scale``, ``Add``), a *propagator*: the code that maps relevance through the step with the
+backends' contraction primitives, its modified weights (z⁺, γ, flat, w², ...) prepared once.
+Routing steps (activations, max-pool, reshapes, cat) route relevance the same way under
+every rule and live in ``engine.py``. The presets (``Explainer(rule="EpsilonPlus")``, ...)
+are defined once, in :func:`make_rule`.
 
-``"rlrp"`` is the formulation of ``RLRP_SPEC.md``. The classic rules and composites mean what
+``RLRP`` is the formulation of ``RLRP_SPEC.md``. The classic rules and composites mean what
 zennit 0.5.1 means by them: its stabiliser ``z + ε·(sign(z) + (z == 0))``, ``Pass`` on
 activations and its ``Norm`` rule on average pools and residual sums. A BatchNorm with nothing
 to fold into is a fixed diagonal linear map and gets ``Norm`` too (zennit has no rule for it).
@@ -15,9 +20,10 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
+import torch.nn as nn
 
 from .backends import Backend
 from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, share_mass,
@@ -32,23 +38,6 @@ RULES = ("rlrp", *SINGLE_RULES, *COMPOSITES)
 # or "neuron" (each neuron's contributions relative to their absolute sum); docs/EVALUATION.md
 # holds the measurement that decides it.
 DEFAULT_NORM = "layer"
-
-# Options each rule accepts, with defaults (zennit 0.5.1's defaults for the classic rules).
-_OPTIONS: dict[str, dict[str, object]] = {
-    "rlrp": {"skip": "linear", "norm": DEFAULT_NORM},
-    "lrp0": {},
-    "epsilon": {"epsilon": 1e-6},
-    "zplus": {"stabilizer": 1e-6},
-    "gamma": {"gamma": 0.25, "stabilizer": 1e-6},
-    "alphabeta": {"alpha": 2.0, "beta": 1.0, "stabilizer": 1e-6},
-    "zbox": {"low": None, "high": None, "stabilizer": 1e-6},
-    "flat": {"stabilizer": 1e-6},
-    "wsquare": {"stabilizer": 1e-6},
-    "EpsilonPlus": {"epsilon": 1e-6, "stabilizer": 1e-6},
-    "EpsilonGammaBox": {"low": None, "high": None, "epsilon": 1e-6, "gamma": 0.25,
-                        "stabilizer": 1e-6},
-    "EpsilonPlusFlat": {"epsilon": 1e-6, "stabilizer": 1e-6},
-}
 
 
 class Propagator(Protocol):
@@ -76,7 +65,23 @@ def _fixed_linear_back(backend: Backend, step: Step, g: torch.Tensor, a: torch.T
 # -- R-LRP ---------------------------------------------------------------------------------
 # Relevance arrives with its L1 mass apart (``Rel.mass``): each step contracts the unit-L1
 # direction of the incoming value and hands the same mass on, which is the renormalisation
-# ``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` without a pass over memory.
+# ``R_a = R̃_a · ‖R_z‖₁ / ‖R̃_a‖₁`` without a pass over memory. In a composite that mixes
+# R-LRP with classic rules, relevance travels as a plain value (no mass): the R-LRP steps then
+# take the incoming value's L1 norm as the mass and hand on the renormalised value itself.
+def _carry(r: Rel) -> tuple[Rel, bool]:
+    """``r`` with a mass (its own L1 norm when it arrives as a plain value), and whether it
+    arrived plain (then the step's results are materialised: see :func:`_settle`)."""
+    if r.mass is not None:
+        return r, False
+    l1 = r.value_l1()
+    return Rel(r.value, l1, l1), True
+
+
+def _settle(parts: list[Rel], plain: bool) -> list[Rel]:
+    """The step's results as plain values when its relevance arrived plain."""
+    return [Rel(p.materialize()) for p in parts] if plain else parts
+
+
 @dataclass(frozen=True)
 class RlrpAffine:
     """``R̃_a = a ⊙ (Wᵀ R_z)`` (``norm="layer"``) or ``R̃_a = a ⊙ (Wᵀ (R_z / s))`` with
@@ -95,6 +100,7 @@ class RlrpAffine:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
         weight, g, s = self.weight, r.value, self.channel_scale
         a = inputs[0]
         if self.abs_weight is not None:
@@ -109,7 +115,7 @@ class RlrpAffine:
                 g = g * per_channel(s, g)
         # ``a`` stays in the forward's dtype: backends upcast it on load (no fp32 copy)
         r_tilde, l1 = backend.affine_contract_l1(step, weight, g, a, r.unit_scale())
-        return [Rel(r_tilde, r.mass, l1)]
+        return _settle([Rel(r_tilde, r.mass, l1)], plain)
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,7 @@ class RlrpFixedLinear:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
         a = inputs[0]
         g = r.value * per_sample(r.unit_scale(), r.value)
         if self.neuron:
@@ -130,7 +137,7 @@ class RlrpFixedLinear:
                 den = (a.to(g.dtype) * per_channel(step.scale.to(g.dtype), g)).abs_()
             g = safe_ratio(g, den)
         r_tilde = _fixed_linear_back(backend, step, g, a)
-        return [Rel(r_tilde, r.mass, l1_per_sample(r_tilde))]
+        return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,9 @@ class RlrpAddLinear:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
         parts = [(u.to(r.value.dtype) * r.value).sum_to_size(u.shape) for u in inputs]
-        return share_mass(parts, r.mass)
+        return _settle(share_mass(parts, r.mass), plain)
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,8 @@ class RlrpAddRatio:
         share = torch.where(nonzero, r.value / torch.where(nonzero, y, torch.ones_like(y)),
                             torch.zeros_like(y))
         parts = [(u * share).sum_to_size(u.shape) for u in ups]
+        if r.mass is None:  # a plain value (mixed composite): the parts are the relevance
+            return [Rel(p) for p in parts]
         norms = [l1_per_sample(p) for p in parts]
         # the parts are in the incoming value's units: the incoming mass per unit of value
         per_unit = safe_ratio(r.mass, r.value_l1())
@@ -175,6 +185,7 @@ class RlrpGate:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
         signal, gate = (t.to(r.value.dtype) for t in inputs)
         product = signal * gate
         if self.neuron:  # 0 where s ⊙ g = 0
@@ -182,7 +193,7 @@ class RlrpGate:
         else:
             c = product.mul_(r.value)
         r_tilde = c.sum_to_size(signal.shape)
-        return [Rel(r_tilde, r.mass, l1_per_sample(r_tilde))]
+        return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ class RlrpLayerNorm:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
         g = r.value
         x = inputs[0].to(g.dtype)
         dims = tuple(range(-len(step.normalized_shape), 0))
@@ -208,7 +220,7 @@ class RlrpLayerNorm:
             g = safe_ratio(g, s)
         u = g * scale
         r_tilde = x * (u - u.mean(dims, keepdim=True))
-        return [Rel(r_tilde, r.mass, l1_per_sample(r_tilde))]
+        return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
 @dataclass(frozen=True)
@@ -225,7 +237,7 @@ class PassToSignal:
 
 # -- zennit's rules ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Norm:
+class NormTerms:
     """zennit's ``Norm``: ``R_a = a ⊙ Pᵀ(R / stab(z))`` for fixed linear maps and sums."""
 
     stabilizer: float
@@ -239,7 +251,7 @@ class Norm:
 
 
 @dataclass(frozen=True)
-class Epsilon:
+class EpsilonTerms:
     """LRP-ε (LRP-0 for ``epsilon = 0``): ``R_a = a ⊙ Wᵀ(R / stab(z))``."""
 
     weight: torch.Tensor
@@ -300,7 +312,7 @@ class TwoSignTerms:
 
 
 @dataclass(frozen=True)
-class ZBox:
+class ZBoxTerms:
     """zB: ``z = W a + b − (W⁺ l + b⁺) − (W⁻ h + b⁻)``,
     ``R_a = a ⊙ Wᵀg − l ⊙ W⁺ᵀg − h ⊙ W⁻ᵀg`` with ``g = R / stab(z)``."""
 
@@ -342,89 +354,424 @@ class InputFree:
                                             eps=self.stabilizer))]
 
 
-# -- building a rule -----------------------------------------------------------------------
 @dataclass(frozen=True)
+class PassTerms:
+    """zennit's ``Pass``: the relevance goes on unchanged (a lone BatchNorm)."""
+
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        return [r]
+
+
+# -- rule objects --------------------------------------------------------------------------
+# A rule object is what a user names (``Epsilon(0.25)``); it validates its parameters when
+# built and, for each plan step it is assigned to, builds the propagator above that does the
+# work (its modified weights prepared once, per dtype). Adding a rule is one subclass:
+# ``applies_to`` (the step kinds it has a meaning for) and ``propagator``.
+RULED_STEPS = (Affine, Pool, Scale, Add, Gate, LayerNorm)  # the steps a rule is assigned to
+
+
 class Rule:
-    """A validated rule name with its options."""
+    """Base of the rule objects (``RLRP``, ``Epsilon``, ``ZPlus``, ``Gamma``, ``AlphaBeta``,
+    ``ZBox``, ``Flat``, ``WSquare``, ``Norm``, ``Pass``).
 
-    name: str
-    options: dict
+    Subclasses set ``applies_to`` (the plan step kinds the rule has a meaning for: ``Affine``
+    is a Linear/ConvNd, ``Pool`` an average pool or mean, ``Scale`` a BatchNorm with nothing
+    to fold into, ``Add`` a residual sum, ``Gate`` a product with a gate or constant,
+    ``LayerNorm`` a layer norm) and implement :meth:`propagator`."""
 
-    @property
-    def keeps_mass(self) -> bool:
-        """R-LRP: relevance carries its L1 mass, and forks keep the mass that arrives."""
-        return self.name == "rlrp"
+    applies_to: tuple[type, ...] = (Affine,)
 
-    def propagators(self, plan: Plan, dtype: torch.dtype) -> list[Propagator | None]:
-        """One propagator per step of ``plan`` (None for routing steps), weights in ``dtype``."""
-        first = _first_affine(plan, conv_only=self.name == "EpsilonGammaBox")
-        return [self._for_step(step, step is first, dtype) for step in plan.steps]
+    def propagator(self, step: Step, dtype: torch.dtype) -> Propagator:
+        """The propagator that applies this rule to ``step``, its weights in ``dtype``."""
+        raise NotImplementedError
 
-    def _for_step(self, step: Step, is_first: bool, dtype: torch.dtype) -> Propagator | None:
-        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm)):
-            return None
-        o = self.options
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={_show(v)}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+def _stab_param(stabilizer) -> float:
+    _check_number("stabilizer", stabilizer)
+    return float(stabilizer)
+
+
+class RLRP(Rule):
+    """R-LRP (``RLRP_SPEC.md``): ``R̃_a = a ⊙ (Wᵀ R_z)`` renormalised to ``‖R_z‖₁`` per
+    sample on Linear/Conv, average pools, means and lone BatchNorms; at residual sums
+    ``skip="linear"`` (the sum as a unit-weight linear map, one joint scale) or ``"ratio"``
+    (the paper's ``R_u = (u / y) R_y``). ``norm="layer"`` divides by nothing;
+    ``norm="neuron"`` splits each neuron's relevance by its inputs' contributions relative
+    to their absolute sum (not at sums). Default ``norm``: :data:`DEFAULT_NORM`."""
+
+    applies_to = RULED_STEPS
+
+    def __init__(self, norm: str = DEFAULT_NORM, skip: str = "linear") -> None:
+        if skip not in ("linear", "ratio"):
+            raise ValueError(f"skip must be 'linear' or 'ratio', got {skip!r}")
+        if norm not in ("layer", "neuron"):
+            raise ValueError(f"norm must be 'layer' or 'neuron', got {norm!r}")
+        self.norm, self.skip = norm, skip
+
+    def propagator(self, step, dtype):
+        neuron = self.norm == "neuron"
         if isinstance(step, Gate):
-            return RlrpGate(o["norm"] == "neuron") if self.name == "rlrp" else PassToSignal()
-        if isinstance(step, LayerNorm):  # classic rules: identity through normalisation (LXT)
-            return RlrpLayerNorm(o["norm"] == "neuron") if self.name == "rlrp" else PassToSignal()
-        if self.name == "rlrp":
-            neuron = o["norm"] == "neuron"
-            if isinstance(step, Affine):
-                scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
-                weight = step.weight.to(dtype)
-                return RlrpAffine(weight, scale, weight.abs() if neuron else None)
-            if isinstance(step, Add):  # adds never take the neuron form (RLRP_SPEC.md)
-                return RlrpAddLinear() if o["skip"] == "linear" else RlrpAddRatio()
-            return RlrpFixedLinear(neuron)
-        if not isinstance(step, Affine):
-            return Norm(o.get("stabilizer", 1e-6))
-        return self._classic_affine(step, is_first, dtype)
-
-    def _classic_affine(self, step: Affine, is_first: bool, dtype: torch.dtype) -> Propagator:
-        o = self.options
-        name = self.name
-        if name in COMPOSITES:
-            if name == "EpsilonGammaBox" and is_first:
-                name = "zbox"
-            elif name == "EpsilonPlusFlat" and is_first:
-                name = "flat"
-            elif not step.is_conv:
-                name = "epsilon"
-            else:
-                name = "gamma" if name == "EpsilonGammaBox" else "zplus"
-        return _classic(name, step, o, dtype)
+            return RlrpGate(neuron)
+        if isinstance(step, LayerNorm):
+            return RlrpLayerNorm(neuron)
+        if isinstance(step, Affine):
+            scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
+            weight = step.weight.to(dtype)
+            return RlrpAffine(weight, scale, weight.abs() if neuron else None)
+        if isinstance(step, Add):  # sums never take the neuron form (RLRP_SPEC.md)
+            return RlrpAddLinear() if self.skip == "linear" else RlrpAddRatio()
+        return RlrpFixedLinear(neuron)
 
 
-def _classic(name: str, step: Affine, o: dict, dtype: torch.dtype) -> Propagator:
-    w = step.effective_weight(dtype)
-    b = None if step.bias is None else step.bias.to(dtype)
-    stab = o.get("stabilizer", 1e-6)
-    if name == "lrp0":
-        return Epsilon(w, 0.0)
-    if name == "epsilon":
-        return Epsilon(w, float(o["epsilon"]))
-    if name == "zplus":
-        return TwoSignTerms(((w.clamp(min=0), _pos(b), w.clamp(max=0), 1.0, 0),), stab)
-    if name == "alphabeta":
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
-        return TwoSignTerms(((wp, _pos(b), wn, float(o["alpha"]), 0),
-                             (wn, _neg(b), wp, -float(o["beta"]), 0)), stab)
-    if name == "gamma":
-        gamma = float(o["gamma"])
+class Norm(Rule):
+    """zennit's ``Norm``: ``R_a = a ⊙ Mᵀ(R / stab(z))`` — the base rule of average pools,
+    means, residual sums and lone BatchNorms; on a Linear/Conv it is LRP-ε with
+    ``ε = stabilizer`` (the bias in ``z``), as zennit's."""
+
+    applies_to = RULED_STEPS
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _stab_param(stabilizer)
+
+    def propagator(self, step, dtype):
+        if isinstance(step, Affine):
+            return EpsilonTerms(step.effective_weight(dtype), self.stabilizer)
+        if isinstance(step, (Gate, LayerNorm)):  # the base rules' convention (zennit/LXT)
+            return PassToSignal()
+        return NormTerms(self.stabilizer)
+
+
+class Pass(Rule):
+    """zennit's ``Pass``: relevance goes on unchanged. Activations get it by default; of
+    the other steps a lone BatchNorm, a gate's signal and a layer norm can take it."""
+
+    applies_to = (Scale, Gate, LayerNorm)
+
+    def propagator(self, step, dtype):
+        return PassTerms() if isinstance(step, Scale) else PassToSignal()
+
+
+class Epsilon(Rule):
+    """LRP-ε: ``R_a = a ⊙ Wᵀ(R / stab(z))``, ``stab(z) = z + ε·(sign(z) + (z == 0))``;
+    ``Epsilon(0)`` is LRP-0."""
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        _check_number("epsilon", epsilon)
+        self.epsilon = float(epsilon)
+
+    def propagator(self, step, dtype):
+        return EpsilonTerms(step.effective_weight(dtype), self.epsilon)
+
+
+def _weight_bias(step: Affine, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return step.effective_weight(dtype), None if step.bias is None else step.bias.to(dtype)
+
+
+class ZPlus(Rule):
+    """z⁺ (zennit's ``ZPlus``): positive contributions only, ``a⁺w⁺ + a⁻w⁻`` over
+    ``stab(Σ … + b⁺)``."""
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _stab_param(stabilizer)
+
+    def propagator(self, step, dtype):
+        w, b = _weight_bias(step, dtype)
+        return TwoSignTerms(((w.clamp(min=0), _pos(b), w.clamp(max=0), 1.0, 0),),
+                            self.stabilizer)
+
+
+class Gamma(Rule):
+    """γ (zennit's ``Gamma``): weights ``w + γw⁺`` for outputs with ``z > 0``,
+    ``w + γw⁻`` for ``z < 0`` (inputs split by sign)."""
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+        _check_number("gamma", gamma)
+        self.gamma, self.stabilizer = float(gamma), _stab_param(stabilizer)
+
+    def propagator(self, step, dtype):
+        w, b = _weight_bias(step, dtype)
+        gamma = self.gamma
         w_up, w_down = w + gamma * w.clamp(min=0), w + gamma * w.clamp(max=0)
         b_up = None if b is None else b + gamma * b.clamp(min=0)
         b_down = None if b is None else b + gamma * b.clamp(max=0)
         return TwoSignTerms(((w_up, b_up, w_down, 1.0, 1), (w_down, b_down, w_up, 1.0, -1)),
-                            stab, needs_output=True)
-    if name == "zbox":
-        return ZBox(w, b, _bound(o["low"], dtype, w.device), _bound(o["high"], dtype, w.device),
-                    stab)
-    if name == "flat":
-        return InputFree(torch.ones_like(w), None, stab)
-    if name == "wsquare":
-        return InputFree(w * w, None if b is None else b * b, stab)
-    raise AssertionError(name)  # unreachable: names are validated in make_rule
+                            self.stabilizer, needs_output=True)
+
+
+class AlphaBeta(Rule):
+    """αβ (zennit's ``AlphaBeta``): ``α`` times the positive contributions' share minus
+    ``β`` times the negative ones'; ``alpha − beta == 1``."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6
+                 ) -> None:
+        _check_number("alpha", alpha)
+        _check_number("beta", beta)
+        stabilizer = _stab_param(stabilizer)
+        if abs(alpha - beta - 1) > 1e-12:
+            raise ValueError("alphabeta needs alpha - beta == 1 (as zennit)")
+        self.alpha, self.beta, self.stabilizer = float(alpha), float(beta), stabilizer
+
+    def propagator(self, step, dtype):
+        w, b = _weight_bias(step, dtype)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        return TwoSignTerms(((wp, _pos(b), wn, self.alpha, 0),
+                             (wn, _neg(b), wp, -self.beta, 0)), self.stabilizer)
+
+
+class ZBox(Rule):
+    """zᴮ (zennit's ``ZBox``) for inputs bounded by ``low`` and ``high``: scalars, ``(C,)``
+    per channel, ``(C, 1, 1)`` or ``(1, C, 1, 1)`` (zennit's shape)."""
+
+    def __init__(self, low, high, stabilizer: float = 1e-6) -> None:
+        if low is None or high is None:
+            raise ValueError("ZBox needs the input's bounds: pass low=... and high=... (the "
+                             "lowest and highest possible input values, scalars or "
+                             "per-channel tensors)")
+        self.stabilizer = _stab_param(stabilizer)
+        _check_bounds(low, high)
+        self.low, self.high = low, high
+
+    def propagator(self, step, dtype):
+        w, b = _weight_bias(step, dtype)
+        return ZBoxTerms(w, b, _bound(self.low, dtype, w.device),
+                         _bound(self.high, dtype, w.device), self.stabilizer)
+
+
+class Flat(Rule):
+    """flat (zennit's ``Flat``): every connection weighs 1, the input is 1, no bias."""
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _stab_param(stabilizer)
+
+    def propagator(self, step, dtype):
+        return InputFree(torch.ones_like(step.weight, dtype=dtype), None, self.stabilizer)
+
+
+class WSquare(Rule):
+    """w² (zennit's ``WSquare``): weights squared, the input is 1."""
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _stab_param(stabilizer)
+
+    def propagator(self, step, dtype):
+        w, b = _weight_bias(step, dtype)
+        return InputFree(w * w, None if b is None else b * b, self.stabilizer)
+
+
+# -- composites ----------------------------------------------------------------------------
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what a plain rule or ``first`` maps
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+RuleFor = Callable[[str, nn.Module], "Rule | None"]
+
+
+class Composite:
+    """Which rule each layer gets: zennit's composites, on this engine.
+
+    Args:
+        layer_map: ``[(types, rule), ...]``: a layer gets the rule of the first entry whose
+            type(s) it is an instance of (``types`` a class or a tuple of classes, e.g.
+            ``nn.Conv2d``, ``(nn.Conv2d, nn.Linear)``, or zennit's ``zennit.types``).
+        first: the rule for the first layer in forward order: a rule (the first Linear or
+            Conv), or zennit's ``first_map`` ``[(types, rule), ...]`` (the first layer that
+            matches any entry gets that entry's rule; ``EpsilonGammaBox`` uses the first
+            conv).
+        names: ``{qualified module name: rule}`` (``"features.0"``, ``"layer1.0.conv2"``).
+            A BatchNorm folded into the conv before it belongs to that conv: name the conv.
+        rule_for: ``(name, module) -> rule | None`` for anything else (per-layer ε, a rule
+            chosen from a layer's statistics); called for each Linear/Conv, average pool and
+            lone BatchNorm module that nothing above matched.
+        base: the rule for the average pools, means, residual sums and lone BatchNorms that
+            nothing above names (default ``Norm()``, zennit's, as its presets).
+
+    Priority: ``names``, then ``first``, then ``layer_map``, then ``rule_for``, then
+    ``base`` (which a Linear/Conv never falls to: one that nothing names is an error, not a
+    silent choice). Activations pass relevance through, max-pools give it to the winner,
+    reshapes and cats route it, under every composite.
+
+    Steps with no module of their own — residual sums written ``a + b`` or ``torch.add``,
+    functional ``F.avg_pool2d``/``torch.mean`` — get ``base``; functional activations and
+    max-pools route like their modules. (A Linear/Conv is always a module: ``F.linear`` or
+    ``F.conv2d`` on parameters is refused when the model is traced.)
+
+    Mixing R-LRP with classic rules: R-LRP layers renormalise (``R_a`` gets the L1 norm of
+    the relevance that arrives at the layer), classic layers do not. Only when every step
+    is R-LRP does relevance carry its L1 mass apart and does each sample's map keep the
+    output's L1 mass exactly (forks and max-pools then keep the mass that arrives, too);
+    in a mixed composite forks sum plainly, as the classic rules do.
+    """
+
+    def __init__(self, layer_map: Sequence[tuple] = (), first=None,
+                 names: Mapping[str, Rule] | None = None, rule_for: RuleFor | None = None,
+                 base: Rule | None = None) -> None:
+        self.layer_map = [(_check_types(types, "layer_map"), _check_rule(rule, "layer_map"))
+                          for types, rule in _pairs(layer_map, "layer_map")]
+        if first is None or isinstance(first, Rule):
+            self.first = [] if first is None else [(LAYERS, first)]
+        else:
+            self.first = [(_check_types(types, "first"), _check_rule(rule, "first"))
+                          for types, rule in _pairs(first, "first")]
+        if names is not None and not isinstance(names, Mapping):
+            raise TypeError(f"names must be a mapping {{module name: rule}}, got "
+                            f"{type(names).__name__}")
+        self.names = {str(k): _check_rule(v, "names") for k, v in (names or {}).items()}
+        if rule_for is not None and not callable(rule_for):
+            raise TypeError(f"rule_for must be a callable (name, module) -> rule | None, got "
+                            f"{type(rule_for).__name__}")
+        self.rule_for = rule_for
+        self.base = Norm() if base is None else _check_rule(base, "base")
+        missing = [k.__name__ for k in (Pool, Scale, Add) if k not in self.base.applies_to]
+        if missing:
+            raise ValueError(f"base must apply to average pools, sums and lone BatchNorms "
+                             f"(Norm() or RLRP()); {self.base!r} does not")
+
+    def __repr__(self) -> str:
+        parts = [f"layer_map={self.layer_map!r}"]
+        if self.first:
+            parts.append(f"first={self.first!r}")
+        if self.names:
+            parts.append(f"names={self.names!r}")
+        if self.rule_for is not None:
+            parts.append(f"rule_for={self.rule_for!r}")
+        parts.append(f"base={self.base!r}")
+        return f"Composite({', '.join(parts)})"
+
+    @classmethod
+    def of(cls, rule: Rule) -> "Composite":
+        """A rule on the whole network: on every Linear/Conv, and, for rules that have a
+        meaning there (``RLRP``, ``Norm``), on pools, sums and lone BatchNorms too; else
+        those get ``Norm`` with the rule's stabiliser (as zennit's presets)."""
+        if isinstance(rule, Pass):
+            raise ValueError("Pass() alone would leave every Linear/Conv without a rule; use "
+                             "it in a Composite (names=..., layer_map=...)")
+        if all(k in rule.applies_to for k in (Pool, Scale, Add)):
+            base = rule
+        else:
+            base = Norm(getattr(rule, "stabilizer", 1e-6))
+        return cls(layer_map=[(LAYERS, rule)], base=base)
+
+    def assign(self, plan: Plan, model: nn.Module) -> "Assignment":
+        """The rule of every step of ``plan`` (None for routing steps), ``model`` being the
+        module the plan was traced from."""
+        modules = dict(model.named_modules())
+        unknown = sorted(set(self.names) - {s.module for s in plan.steps
+                                            if isinstance(s, RULED_STEPS) and s.module})
+        for name in unknown:
+            if name not in modules:
+                raise ValueError(f"names: the model has no module {name!r}")
+            module = modules[name]
+            if not isinstance(self.names[name], Pass):
+                raise ValueError(
+                    f"names: module {name!r} ({type(module).__name__}) has no linear step of "
+                    "its own (an activation, max-pool, reshape, Identity or Dropout routes "
+                    "relevance; a BatchNorm folded into the conv before it belongs to that "
+                    "conv: name the conv)")
+        first = self._first_step(plan, modules)
+        rules: list[Rule | None] = []
+        for step in plan.steps:
+            if not isinstance(step, RULED_STEPS):
+                rules.append(None)
+                continue
+            module = modules.get(step.module) if step.module else None
+            rule = self._rule_of(step, module, first)
+            if not isinstance(step, rule.applies_to):
+                raise ValueError(f"rule {rule!r} does not apply to {_describe(step, module)}; "
+                                 f"it applies to {_kinds(rule.applies_to)}")
+            rules.append(rule)
+        return Assignment(tuple(rules))
+
+    def _first_step(self, plan: Plan, modules: dict) -> tuple[Step, Rule] | None:
+        for step in plan.steps:
+            module = modules.get(step.module) if step.module else None
+            if module is None or not isinstance(step, RULED_STEPS):
+                continue
+            for types, rule in self.first:
+                if isinstance(module, types):
+                    return step, rule
+        return None
+
+    def _rule_of(self, step: Step, module: nn.Module | None, first) -> Rule:
+        if module is not None:
+            if step.module in self.names:
+                return self.names[step.module]
+            if first is not None and first[0] is step:
+                return first[1]
+            for types, rule in self.layer_map:
+                if isinstance(module, types):
+                    return rule
+            if self.rule_for is not None:
+                rule = self.rule_for(step.module, module)
+                if rule is not None:
+                    return _check_rule(rule, f"rule_for({step.module!r}, ...)")
+        if isinstance(step, Affine):
+            raise ValueError(f"the composite gives {_describe(step, module)} no rule; map "
+                             "its type in layer_map, its name in names, or return a rule "
+                             "for it from rule_for")
+        return self.base
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One rule per plan step (None for routing steps): what an explainer runs."""
+
+    rules: tuple[Rule | None, ...]
+
+    @property
+    def keeps_mass(self) -> bool:
+        """Every rule is R-LRP (or Pass): relevance carries its L1 mass apart, and forks
+        keep the mass that arrives."""
+        used = [r for r in self.rules if r is not None]
+        return all(isinstance(r, (RLRP, Pass)) for r in used) and any(
+            isinstance(r, RLRP) for r in used)
+
+    def propagators(self, plan: Plan, dtype: torch.dtype) -> list[Propagator | None]:
+        """One propagator per step of ``plan`` (None for routing steps), weights in ``dtype``."""
+        return [None if rule is None else rule.propagator(step, dtype)
+                for rule, step in zip(self.rules, plan.steps)]
+
+
+def _pairs(pairs, what: str) -> list[tuple]:
+    try:
+        out = [tuple(p) for p in pairs]
+    except TypeError:
+        raise TypeError(f"{what} must be a list of (types, rule) pairs, got "
+                        f"{type(pairs).__name__}") from None
+    if any(len(p) != 2 for p in out):
+        raise TypeError(f"{what} must be a list of (types, rule) pairs")
+    return out
+
+
+def _check_types(types, what: str):
+    try:
+        isinstance(None, types)
+    except TypeError:
+        raise TypeError(f"{what}: {types!r} is not a type or a tuple of types") from None
+    return types
+
+
+def _check_rule(rule, what: str) -> Rule:
+    if not isinstance(rule, Rule):
+        raise TypeError(f"{what}: expected a rule object (rlrp_fast.rules.Epsilon(...), "
+                        f"...), got {_show(rule)}")
+    return rule
+
+
+def _describe(step: Step, module: nn.Module | None) -> str:
+    if module is None:
+        kind = {Add: "residual sum", Pool: "pooling/mean"}.get(type(step), type(step).__name__)
+        return f"the {kind} {step.target!r} (node {step.name!r})"
+    return f"layer {step.module!r} ({type(module).__name__})"
+
+
+def _kinds(kinds: tuple[type, ...]) -> str:
+    words = {Affine: "Linear/Conv", Pool: "average pools and means", Scale: "lone BatchNorms",
+             Add: "residual sums", Gate: "gated or scaled products", LayerNorm: "layer norms"}
+    return ", ".join(words[k] for k in kinds)
 
 
 def _bound(value, dtype, device) -> torch.Tensor:
@@ -524,15 +871,66 @@ def _check_number(key: str, value) -> None:
         raise ValueError(f"{key} must be a non-negative finite number, got {_show(value)}")
 
 
-def _first_affine(plan: Plan, conv_only: bool) -> Affine | None:
-    for step in plan.steps:
-        if isinstance(step, Affine) and (step.is_conv or not conv_only):
-            return step
-    return None
+def _check_bounds(low, high) -> None:
+    """``low``/``high`` real, finite, and ``low <= high`` where their shapes say how they
+    line up (other pairs are checked where they meet the first layer's input)."""
+    low, high = _check_bound("low", low), _check_bound("high", high)
+    if low.dim() == high.dim() or low.dim() == 0 or high.dim() == 0:
+        try:
+            low, high = torch.broadcast_tensors(low, high)
+        except RuntimeError:
+            raise ValueError(f"low of shape {tuple(low.shape)} and high of shape "
+                             f"{tuple(high.shape)} do not broadcast together") from None
+        if (low > high).any():
+            raise ValueError("low must not exceed high: " + _first_inversion(low, high))
 
 
-def make_rule(name: str, **options) -> Rule:
-    """Validate ``name`` and its options; fill in defaults."""
+# -- presets: every name ``Explainer(rule=...)`` takes, defined here and nowhere else -------
+# Options each preset accepts, with defaults (zennit 0.5.1's defaults for the classic rules).
+_OPTIONS: dict[str, dict[str, object]] = {
+    "rlrp": {"skip": "linear", "norm": DEFAULT_NORM},
+    "lrp0": {},
+    "epsilon": {"epsilon": 1e-6},
+    "zplus": {"stabilizer": 1e-6},
+    "gamma": {"gamma": 0.25, "stabilizer": 1e-6},
+    "alphabeta": {"alpha": 2.0, "beta": 1.0, "stabilizer": 1e-6},
+    "zbox": {"low": None, "high": None, "stabilizer": 1e-6},
+    "flat": {"stabilizer": 1e-6},
+    "wsquare": {"stabilizer": 1e-6},
+    "EpsilonPlus": {"epsilon": 1e-6, "stabilizer": 1e-6},
+    "EpsilonGammaBox": {"low": None, "high": None, "epsilon": 1e-6, "gamma": 0.25,
+                        "stabilizer": 1e-6},
+    "EpsilonPlusFlat": {"epsilon": 1e-6, "stabilizer": 1e-6},
+}
+
+
+def _preset(name: str, o: dict) -> Rule | Composite:
+    stab = o.get("stabilizer", 1e-6)
+    if name == "rlrp":
+        return RLRP(norm=o["norm"], skip=o["skip"])
+    single = {"lrp0": lambda: Epsilon(0.0), "epsilon": lambda: Epsilon(o["epsilon"]),
+              "zplus": lambda: ZPlus(stab), "gamma": lambda: Gamma(o["gamma"], stab),
+              "alphabeta": lambda: AlphaBeta(o["alpha"], o["beta"], stab),
+              "zbox": lambda: ZBox(o["low"], o["high"], stab), "flat": lambda: Flat(stab),
+              "wsquare": lambda: WSquare(stab)}
+    if name in single:
+        return single[name]()
+    dense = Epsilon(o["epsilon"])  # zennit's composites: ε on dense layers, Norm elsewhere
+    if name == "EpsilonPlus":
+        return Composite([(CONVOLUTIONS, ZPlus(stab)), (nn.Linear, dense)], base=Norm(stab))
+    if name == "EpsilonPlusFlat":
+        return Composite([(CONVOLUTIONS, ZPlus(stab)), (nn.Linear, dense)], first=Flat(stab),
+                         base=Norm(stab))
+    if name == "EpsilonGammaBox":
+        return Composite([(CONVOLUTIONS, Gamma(o["gamma"], stab)), (nn.Linear, dense)],
+                         first=[(CONVOLUTIONS, ZBox(o["low"], o["high"], stab))],
+                         base=Norm(stab))
+    raise AssertionError(name)  # unreachable: names are validated in make_rule
+
+
+def make_rule(name: str, **options) -> Rule | Composite:
+    """The preset ``name`` with its options (validated, defaults filled in): a rule object
+    (the rule on the whole network) or a :class:`Composite`."""
     if name not in _OPTIONS:
         raise ValueError(f"unknown rule {name!r}; choose one of {RULES + ('gradient_x_input',)}")
     allowed = _OPTIONS[name]
@@ -541,30 +939,14 @@ def make_rule(name: str, **options) -> Rule:
         raise TypeError(f"rule {name!r} takes no option(s) {unknown}; its options are "
                         f"{sorted(allowed) or 'none'}")
     merged = {**allowed, **options}
-    if name == "rlrp" and merged["skip"] not in ("linear", "ratio"):
-        raise ValueError(f"skip must be 'linear' or 'ratio', got {merged['skip']!r}")
-    if name == "rlrp" and merged["norm"] not in ("layer", "neuron"):
-        raise ValueError(f"norm must be 'layer' or 'neuron', got {merged['norm']!r}")
     if "low" in allowed and (merged["low"] is None or merged["high"] is None):
         raise ValueError(f"rule {name!r} needs the input's bounds: pass low=... and high=... "
                          "(the lowest and highest possible input values, scalars or "
                          "per-channel tensors)")
-    for key in ("epsilon", "stabilizer", "gamma", "alpha", "beta"):
-        if key in merged:
-            _check_number(key, merged[key])
-    if name == "alphabeta" and abs(merged["alpha"] - merged["beta"] - 1) > 1e-12:
-        raise ValueError("alphabeta needs alpha - beta == 1 (as zennit)")
-    if "low" in allowed:
-        low, high = _check_bound("low", merged["low"]), _check_bound("high", merged["high"])
-        # the shapes line up without knowing the input when they have the same rank or one
-        # is a scalar; other pairs are checked where they meet the first layer's input
-        if low.dim() == high.dim() or low.dim() == 0 or high.dim() == 0:
-            try:
-                low, high = torch.broadcast_tensors(low, high)
-            except RuntimeError:
-                raise ValueError(f"low of shape {tuple(low.shape)} and high of shape "
-                                 f"{tuple(high.shape)} do not broadcast together") from None
-            if (low > high).any():
-                raise ValueError("low must not exceed high: " + _first_inversion(low, high))
-    return Rule(name, merged)
+    return _preset(name, merged)
 
+
+def resolve(rule, plan: Plan, model: nn.Module) -> Assignment:
+    """The per-step rules of a preset's result, a rule object or a composite on ``plan``."""
+    composite = rule if isinstance(rule, Composite) else Composite.of(_check_rule(rule, "rule"))
+    return composite.assign(plan, model)
