@@ -392,9 +392,12 @@ class Writer:
                     outputs.append(str(path.relative_to(self.out)))
                 if "png" in self.formats:
                     path = base.with_name(base.name + ".png")
-                    save_grid(x[i:i + 1], r[None], path, titles=[_shorten(Path(file).name)],
-                              heatmap_titles=[f"{_shorten(self._label(c))} "
-                                              f"({float(logits[i, c]):.2f})"],
+                    # one title band (save_grid sizes it), not per-panel titles: with a
+                    # single row those would be clipped
+                    save_grid(x[i:i + 1], r[None], path,
+                              title=f"{_shorten(Path(file).name, 40)}\n"
+                                    f"top {j + 1}: {_shorten(self._label(c), 40)} "
+                                    f"(logit {float(logits[i, c]):.3g})",
                               colorbar=f"{self.rule} relevance (channels summed)")
                     outputs.append(str(path.relative_to(self.out)))
             record = {

@@ -190,6 +190,7 @@ def _tiny() -> torch.nn.Module:
                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("case, expected", [
     (["--model", "resnet5O"], "not a torchvision classification model or an existing file; "
      "did you mean resnet50"),
