@@ -303,22 +303,12 @@ def _load_model_file(path: str, device) -> torch.nn.Module:
 def explain_targets(explainer, x: torch.Tensor, k: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logits (N, classes), targets (N, K), relevance (N, K, *x.shape[1:]))`` for the K
-    highest logits of each sample, in order.
-
-    K calls of the explainer, the first with the arg-max (which also gives the logits),
-    then one per further class. The one place to switch to a single-forward multi-target
-    API when the explainer has one."""
-    first = explainer.explain(x)
-    logits = first.logits
-    if k > logits.shape[1]:
-        raise PipelineError(f"--top-k {k} exceeds the model's {logits.shape[1]} classes")
-    targets = logits.float().topk(k, dim=1).indices
-    # ties: topk may order equal logits differently from argmax; keep argmax's choice first
-    targets[:, 0] = first.targets
-    relevance = [first.relevance]
-    for j in range(1, k):
-        relevance.append(explainer.explain(x, target=targets[:, j]).relevance)
-    return logits, targets, torch.stack(relevance, dim=1)
+    highest logits of each sample, in order: one forward and one batched relevance pass
+    (``Explainer.explain(x, top_k=k)``)."""
+    e = explainer.explain(x, top_k=k)
+    n = x.shape[0]
+    relevance = e.relevance if e.relevance.dim() == x.dim() + 1 else e.relevance.unsqueeze(1)
+    return e.logits, e.targets.reshape(n, -1), relevance
 
 
 # -- outputs ---------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def _tiny() -> torch.nn.Module:
     (["--model", "{tmp}/tiny.ts"], "TorchScript model, which torch.fx"),
     (["--model", "{tmp}/tiny.pt2"], "exported program, which cannot be explained"),
     (["--model", "{tmp}/tiny_state.pt"], "for a state_dict pass a torchvision model name"),
-    (["--model", "resnet18", "--num-classes", "3", "--top-k", "4"], "exceeds the model's 3"),
+    (["--model", "resnet18", "--num-classes", "3", "--top-k", "4"], "exceeds the 3 classes"),
     (["--model", "resnet18", "--mean", "0.5,0.5"], "--mean has 2 values but --std has 3"),
     (["--model", "resnet18", "--mean", "0.5,0.5", "--std", "1,1"], "the model takes 3 channel"),
     (["--model", "resnet18", "--no-normalize", "--std", "1"], "cannot be combined"),
