@@ -486,6 +486,18 @@ def run(cfg: RunConfig, on_error: Callable[[str, str], None] | None = None) -> R
     """Explain ``cfg.images`` into ``cfg.out``; see the module docstring."""
     from .explainer import Explainer
 
+    try:
+        import PIL.Image  # noqa: F401 - decoding happens in the workers: fail here, once
+    except ImportError as exc:
+        raise PipelineError("reading images needs Pillow: pip install 'rlrp_fast[cli]'"
+                            ) from exc
+    if "png" in cfg.formats:
+        from .viz import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            raise PipelineError(f"{exc} (or pass --format npy)") from exc
     world, rank, local_rank = _dist_env()
     report = on_error or (lambda path, why: None)
     dist = None
@@ -548,6 +560,8 @@ def _run(cfg, report, world, rank, local_rank, dist, Explainer) -> RunResult:
         skipped = len(mine) - len(todo)
         mine = todo
     jsonl = out / ("predictions.jsonl" if world == 1 else f"predictions-rank{rank}.jsonl")
+    # the loader's worker processes are forked before the writer's thread exists
+    batches = iter(make_loader(mine, preprocess, cfg.batch_size, cfg.workers, device))
     writer = Writer(out, jsonl, cfg.formats, cfg.npy_dtype, labels, cfg.rule,
                     append=cfg.resume)
     bar = _progress(len(mine), cfg.progress and rank == 0)
@@ -555,7 +569,7 @@ def _run(cfg, report, world, rank, local_rank, dist, Explainer) -> RunResult:
     explained = 0
     t0 = time.perf_counter()
     try:
-        for batch in make_loader(mine, preprocess, cfg.batch_size, cfg.workers, device):
+        for batch in batches:
             for i, why in batch["errors"]:
                 errors += 1
                 report(mine[i], why)

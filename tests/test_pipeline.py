@@ -293,3 +293,31 @@ def test_progress_bar_is_optional(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # as if tqdm were not installed
     assert pipeline._progress(3, enabled=True) is None
     assert pipeline._progress(3, enabled=False) is None
+
+
+def test_progress_bar_uses_tqdm_on_a_terminal(monkeypatch):
+    made = []
+
+    class FakeTqdm:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setitem(sys.modules, "tqdm", type(sys)("tqdm"))
+    sys.modules["tqdm"].tqdm = FakeTqdm
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert isinstance(pipeline._progress(7, enabled=True), FakeTqdm)
+    assert made == [{"total": 7, "unit": "img", "desc": "explain", "file": sys.stderr}]
+    assert pipeline._progress(7, enabled=False) is None  # --quiet
+
+
+def test_png_without_matplotlib_is_one_line_error(capsys, monkeypatch, tmp_path):
+    import rlrp_fast.viz
+
+    def missing():
+        raise ImportError("rlrp_fast's figures need matplotlib, the optional 'viz' extra")
+
+    monkeypatch.setattr(rlrp_fast.viz, "require_matplotlib", missing)
+    _write_images(tmp_path / "imgs", 1)
+    code, _, stderr = _run(capsys, tmp_path / "imgs", "--model", "resnet18", "--out",
+                           tmp_path / "out")
+    assert code == 2 and stderr.count("\n") == 1 and "--format npy" in stderr
