@@ -5,6 +5,8 @@ Commands:
             (.png, .jpg, .pdf or .svg, from --out's extension).
   evaluate  faithfulness table (region perturbation, insertion/deletion) of every method on
             the embedded digits CNN.
+  explain   explain image files/folders/globs with a torchvision model: heatmaps, .npy
+            relevance, predictions.jsonl (see :mod:`rlrp_fast.pipeline`; shards under torchrun).
 
 The CLI is the only place in rlrp_fast that prints. User errors (bad options, no CUDA, unknown
 rule, an --out that cannot or should not be written) end with one ``rlrp-fast <command>: error:
@@ -223,12 +225,121 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0.5,0.5,0.5, got {text!r}"
+                                         ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip().lower() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in ("png", "npy")]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"expected png, npy or png,npy, got {text!r}")
+    return values
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="explain your images with a torchvision model (heatmaps, .npy, predictions.jsonl)",
+        description="Explain image files, folders (searched recursively for .jpg/.jpeg/.png/"
+        ".webp) and glob patterns with a model: per image and explained class a heatmap "
+        "figure (input beside the map, with a colour bar) and the raw relevance (.npy), one "
+        "JSON line per image in OUT/predictions.jsonl, and OUT/manifest.json. Unreadable "
+        "files are reported on stderr and skipped. Under `torchrun --nproc-per-node N -m "
+        "rlrp_fast explain ...` the images are sharded over the ranks.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGES",
+                   help="image files, folders and glob patterns (quote them: ** recurses)")
+    p.add_argument("--model", required=True,
+                   help="a torchvision classification model name (built with weights=None: "
+                   "nothing is downloaded; pass --weights), e.g. resnet50")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="a state_dict for --model, loaded with torch.load(weights_only=True)")
+    p.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="classes of the model (default: from --weights, else the model's own)")
+    p.add_argument("--rule", default="rlrp", help="relevance rule (default: %(default)s)")
+    p.add_argument("--backend", default="auto", help="engine backend (default: %(default)s)")
+    p.add_argument("--top-k", type=_positive_int, default=1,
+                   help="explain each of the K highest-scoring classes (default: %(default)s)")
+    p.add_argument("--out", default="rlrp_explanations", metavar="DIR",
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="DataLoader processes decoding images; 0 decodes in the main process "
+                   "(default: %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="(default: %(default)s; under torchrun each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--size", type=_positive_int, default=224,
+                   help="side of the centre crop the model sees; the shorter side is first "
+                   "resized to size*256/224 (default: %(default)s)")
+    p.add_argument("--mean", type=_floats, default=None,
+                   help="normalisation mean per channel, e.g. 0.5,0.5,0.5 (default: ImageNet's)")
+    p.add_argument("--std", type=_floats, default=None,
+                   help="normalisation std per channel (default: ImageNet's)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="feed pixel values in [0, 1], without mean/std")
+    p.add_argument("--format", type=_formats, default=("png", "npy"), metavar="png,npy",
+                   help="outputs per image and class (default: png,npy)")
+    p.add_argument("--npy-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of the .npy relevance (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip images that already have a complete record in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(
+            "--device cuda requested but CUDA is not available on this machine; use --device cpu"
+        )
+    if args.workers < 0:
+        raise _UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if args.no_normalize and (args.mean is not None or args.std is not None):
+        raise _UsageError("--no-normalize cannot be combined with --mean/--std")
+    from . import pipeline  # late: keeps `rlrp-fast --help` fast
+
+    if args.no_normalize:
+        mean = std = None
+    else:
+        mean = args.mean if args.mean is not None else pipeline.IMAGENET_MEAN
+        std = args.std if args.std is not None else pipeline.IMAGENET_STD
+    cfg = pipeline.RunConfig(
+        images=args.images, model=args.model, weights=args.weights,
+        num_classes=args.num_classes, rule=args.rule, backend=args.backend, top_k=args.top_k,
+        out=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        size=args.size, mean=mean, std=std, formats=args.format, npy_dtype=args.npy_dtype,
+        resume=args.resume, progress=not args.quiet)
+
+    def skipped(path: str, why: str) -> None:
+        print(f"{_PROG} explain: skipped {path}: {_one_line(why)}", file=sys.stderr, flush=True)
+
+    try:
+        result = pipeline.run(cfg, on_error=skipped)
+    except (ValueError, NotImplementedError, ImportError, OSError) as err:
+        raise _UsageError(str(err)) from err
+    if int(os.environ.get("RANK", "0")) == 0:
+        ranks = f" on {result.world_size} ranks" if result.world_size > 1 else ""
+        print(f"explained {result.images} images (top-{args.top_k}), {result.errors} errors, "
+              f"{result.skipped} already done, in {result.seconds:.1f} s: "
+              f"{result.images_per_s:.1f} images/s{ranks} -> {args.out}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_PROG, description="Fast R-LRP explanations for PyTorch image classifiers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     _add_evaluate(sub)
+    _add_explain(sub)
     return parser
 
 

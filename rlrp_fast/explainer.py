@@ -5,6 +5,7 @@ import numbers
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,16 @@ class Explanation:
     vanished: torch.Tensor | None = None
 
 
+class _ExplainerArgs(NamedTuple):
+    """The constructor's arguments, kept for pickling (:meth:`Explainer.__getstate__`)."""
+
+    rule: str
+    backend: str
+    compile: bool
+    verify: bool
+    options: dict
+
+
 class Explainer:
     """Explains a classifier with a relevance rule. Build once, call for many batches.
 
@@ -88,13 +99,17 @@ class Explainer:
     scale; only the classic rules keep folded or modified copies, z⁺, w², ...): changing the
     model afterwards (its weights, buffers, dtype or submodules) raises
     :class:`rlrp_fast.StaleModelError` on the next call (build a new explainer). Safe to
-    call from several threads.
+    call from several threads. Pickles and deep-copies (the model and the constructor's
+    arguments are kept; the trace, caches and lock are rebuilt on loading), so it can be sent
+    to ``spawn`` DataLoader workers and multiprocessing pools.
     """
 
     def __init__(self, model: nn.Module, rule: str | Rule | Composite = "rlrp",
                  backend: str = "auto",
                  compile: bool = False, verify: bool = True,  # noqa: A002 (torch's name)
                  **options) -> None:
+        # what pickling keeps (with the model); everything else is rebuilt from it
+        self._args = _ExplainerArgs(rule, backend, compile, verify, dict(options))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_eval(model)
@@ -140,6 +155,15 @@ class Explainer:
                 raise ValueError("compile=True is not supported with the triton backend (its "
                                  "kernels are already fused); use backend='torch' or 'cpp'")
             self._compiled = torch.compile(_explain_batch)
+
+    # -- pickling and copying: keep the model and the arguments, rebuild the rest -------------
+    def __getstate__(self) -> dict:
+        return {"model": self.model, "args": self._args}
+
+    def __setstate__(self, state: dict) -> None:
+        a = state["args"]
+        self.__init__(state["model"], rule=a.rule, backend=a.backend, compile=a.compile,
+                      verify=a.verify, **a.options)
 
     @property
     def backend(self) -> str:

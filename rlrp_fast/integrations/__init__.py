@@ -1,0 +1,1 @@
+"""Adapters for data-processing frameworks (optional dependencies, imported on use)."""
