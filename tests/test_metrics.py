@@ -339,6 +339,6 @@ def test_faithfulness_table_and_cli_on_tiny_inputs(capsys):
     assert main(["evaluate", "--n-images", "3", "--steps", "2", "--methods", "rlrp",
                  "random"]) == 0
     out = capsys.readouterr()
-    assert "| R-LRP (skip=linear, default) |" in out.out and "random map" in out.out
+    assert "| R-LRP (default: norm=layer, skip=linear) |" in out.out and "random map" in out.out
     assert main(["evaluate", "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
