@@ -48,6 +48,14 @@ Rules (same names and meaning as ``rules.py``):
   at them; forks and max-pools keep the arriving L1 mass only when every step is R-LRP's
   (or ``"pass"``), as for ``"rlrp"``; otherwise relevance is summed plainly.
 
+Attention (``nn.MultiheadAttention``, ``scaled_dot_product_attention``) is written out as three
+explicit per-sample matrices over (tokens × features) — output projection, value mixing with
+``P`` held constant, value projection — R-LRP renormalising after each, the classic rules
+dividing each by its own ``stab(z)`` (formulas ``"attention"``, ``"attention_eps"``, param
+``eps``). Constants take nothing: an ``Add`` with constant operands is a bias (linear in its
+tensors under every ``skip``), a ``Cat``'s constant slice is dropped and, for R-LRP, the other
+slices are rescaled jointly to ``‖R_y‖₁``.
+
 zennit's stabiliser is ``stab(z) = z + ε·(sign(z) + (z == 0))``; ``ε = 0`` leaves ``z``.
 """
 from __future__ import annotations
