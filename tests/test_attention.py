@@ -46,9 +46,9 @@ class MHABlock(nn.Module):
 class SDPABlock(nn.Module):
     """Attention written out with F.scaled_dot_product_attention (qkv chunked, heads split)."""
 
-    def __init__(self, heads: int = 2):
+    def __init__(self, heads: int = 2, act=F.gelu):
         super().__init__()
-        self.heads = heads
+        self.heads, self.act = heads, act
         self.qkv, self.proj, self.head = nn.Linear(3, 12), nn.Linear(4, 4), nn.Linear(4, 2)
 
     def forward(self, x):
@@ -56,7 +56,7 @@ class SDPABlock(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (t.view(n, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, 4)
-        return self.head(F.gelu(self.proj(o)).mean(1))
+        return self.head(self.act(self.proj(o)).mean(1))
 
 
 class TinyViT(nn.Module):
@@ -161,6 +161,41 @@ def test_batch_independence(name, norm):
         alone = explainer.explain(x[i:i + 1])
         torch.testing.assert_close(alone.relevance, whole.relevance[i:i + 1], rtol=1e-10,
                                    atol=1e-14)
+
+
+def test_safe_rerun_keeps_the_attention_probabilities():
+    """A sample whose relevance dies (every ReLU off) makes the pass unhealthy, and the engine
+    reruns it with each step's inputs scaled to a maximum of 1: attention's query and key
+    must keep their scale (the softmax is not scale-invariant), only the value is scaled."""
+    torch.manual_seed(3)
+    model = SDPABlock(act=torch.relu).double().eval()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    fast = rlrp_fast.Explainer(model, backend="torch").explain(x)
+    ref, _ = reference_explain(capture(model), x)
+    assert (ref[0] == 0).all() and (ref[1:] != 0).any()  # the dead sample that forces it
+    torch.testing.assert_close(fast.relevance, ref, rtol=1e-10, atol=1e-12)
+
+
+class ReshapedScale(nn.Module):
+    """A layer scale reshaped in forward (``gamma.view(1, 1, -1) * x``): a constant scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.gamma = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.head((self.gamma.view(1, 1, -1) * torch.relu(self.fc(x))).mean(1))
+
+
+@pytest.mark.parametrize("norm", ["layer", "neuron"])
+def test_a_reshaped_parameter_scales(norm):
+    torch.manual_seed(4)
+    model = ReshapedScale().double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    fast = rlrp_fast.Explainer(model, norm=norm, backend="torch").explain(x)
+    ref, _ = reference_explain(capture(model), x, norm=norm)
+    torch.testing.assert_close(fast.relevance, ref, rtol=1e-10, atol=1e-12)
 
 
 class Refused(nn.Module):
