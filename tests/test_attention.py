@@ -262,6 +262,13 @@ def test_torchvision_vit_b_32_explains(norm):
     _explains_and_conserves("vit_b_32", 2, norm)
 
 
+def test_torchvision_vit_is_batch_independent_in_float64():
+    model, x = _torchvision_vit("vit_b_32", 2)
+    explainer = rlrp_fast.Explainer(model.double())
+    both, one = explainer.explain(x.double()), explainer.explain(x[1:].double())
+    torch.testing.assert_close(one.relevance, both.relevance[1:], rtol=1e-10, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", ["vit_b_16", "vit_l_32"])
 def test_torchvision_vits_explain(name):
     # batch 1 on a loaded 2-core CPU: 6-8 s per test (trace verification included)
