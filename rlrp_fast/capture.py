@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
                    Plan, Pool, Reshape, Scale, Select, SlotRef, Step)
 
 SUPPORTED_OPS = (
@@ -30,9 +30,13 @@ SUPPORTED_OPS = (
     "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
     "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
     "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
-    "tensor + tensor (operator +, +=, torch.add, Tensor.add); torch.cat; chunk, split, unbind, "
-    "tensor_split and indexing by ints and slices (x[:, 0]); shape arithmetic "
-    "(x.size(), x.shape, x.dim())"
+    "tensor + tensor and tensor + parameter/buffer (a position embedding; operator +, +=, "
+    "torch.add, Tensor.add); torch.cat (also of a parameter: a class token); expand of a "
+    "parameter; chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
+    "nn.MultiheadAttention (batch_first=True, packed or separate in-projections, no masks, "
+    "no bias_k/bias_v, no add_zero_attn) and F.scaled_dot_product_attention (no mask, no "
+    "dropout, not causal); shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
+    "torch._assert)"
 )
 
 
@@ -123,7 +127,10 @@ _RESHAPE_FUNCTIONS = {torch.flatten: "flatten", torch.reshape: "reshape",
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _META_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add,
-                   operator.sub, operator.truediv, len}
+                   operator.sub, operator.truediv, len,
+                   # comparisons for shape checks (torch._assert): meta values only
+                   operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                   operator.ge, operator.and_, operator.or_, operator.not_, operator.truth}
 
 # In-place ops: the plan runs every op out of place, then lets later readers of the mutated
 # tensor read the op's result, which is what they read in the model.
@@ -218,6 +225,11 @@ class _Builder:
         # chunk/split/unbind nodes (tuples of parts): node → (source slot, fn, args, kwargs)
         self.parts_of: dict[fx.Node, tuple] = {}
         self.position: dict[fx.Node, int] = {}
+        # slots holding constants (a parameter used as a tensor operand, its expansions and
+        # reshapes): read in the forward, never given relevance
+        self.const_slots: set[int] = set()
+        self.constant_slot_of: dict[fx.Node, int] = {}
+        self.attention_nodes: set[fx.Node] = set()  # MultiheadAttention calls (tuples)
 
     # -- helpers -----------------------------------------------------------------------------
     def new_slot(self, node: fx.Node) -> int:
@@ -232,7 +244,28 @@ class _Builder:
                                "as a layer norm's weight or bias)")
         if not isinstance(arg, fx.Node) or arg in self.is_meta:
             raise _unsupported(node, self.describe(node), f"argument {arg!r} is not a tensor")
+        if self.slot_of[arg] in self.const_slots:
+            raise _unsupported(node, self.describe(node), f"it reads {arg.name!r}, computed from "
+                               "a parameter or buffer alone, as a signal (constants are "
+                               "supported as added terms, concatenated parts or scales)")
         return self.slot_of[arg]
+
+    def operand(self, node: fx.Node, arg: Any) -> tuple[int, bool]:
+        """``(slot, is constant)`` of a tensor operand that may be a parameter or buffer
+        (given a :class:`Constant` step the first time it is read) or derived from one."""
+        if arg in self.constants:
+            if arg not in self.constant_slot_of:
+                slot = self.num_slots
+                self.steps.append(Constant(name=arg.name, target=str(arg.target), inputs=(),
+                                           output=slot, value=self.constants[arg]))
+                self.num_slots += 1
+                self.constant_slot_of[arg] = slot
+                self.const_slots.add(slot)
+            return self.constant_slot_of[arg], True
+        if not isinstance(arg, fx.Node) or arg in self.is_meta:
+            raise _unsupported(node, self.describe(node), f"argument {arg!r} is not a tensor")
+        slot = self.slot_of[arg]
+        return slot, slot in self.const_slots
 
     def refs(self, obj: Any) -> Any:
         """Constant arguments stay; meta nodes become slot references; tensors are refused."""
@@ -347,6 +380,9 @@ class _Builder:
         module = self.gm.get_submodule(node.target)
         kind = type(module)
         name = type(module).__name__
+        if kind is nn.MultiheadAttention:
+            self.on_multihead_attention(node, module)
+            return
         if len(node.args) != 1 or node.kwargs:
             raise _unsupported(node, name, "module called with more than one argument")
         src = self.tensor_slot(node, node.args[0])
@@ -403,6 +439,8 @@ class _Builder:
 
     def on_call_function(self, node: fx.Node) -> None:
         fn = node.target
+        if fn is torch._assert:
+            return  # a shape check: no value, no relevance
         if self.all_meta(node):
             if fn in _META_FUNCTIONS:
                 self.emit_meta(node, fn)
@@ -434,10 +472,10 @@ class _Builder:
             self.on_mul(node)
         elif getattr(fn, "__name__", "") == "stochastic_depth" and _stochastic_depth_off(node):
             self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
-        elif fn is torch._assert:
-            return  # a shape check: no value, no relevance
         elif fn is F.layer_norm:
             self.on_layer_norm(node)
+        elif fn is F.scaled_dot_product_attention:
+            self.on_sdpa(node)
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -462,6 +500,8 @@ class _Builder:
             self.on_mul(node)
         elif method in _PART_METHODS:
             self.on_parts(node, getattr(torch.Tensor, method))
+        elif method == "expand":
+            self.on_expand(node)
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -485,9 +525,13 @@ class _Builder:
             raise _unsupported(node, self.describe(node), "torch.add with alpha or out=")
         operands = node.args
         if not all(isinstance(a, fx.Node) and a not in self.is_meta for a in operands):
-            raise _unsupported(node, self.describe(node),
-                               "adding a constant to a tensor (only tensor + tensor)")
-        self.emit(node, Add, tuple(self.slot_of[a] for a in operands))
+            raise _unsupported(node, self.describe(node), "adding a constant number or shape "
+                               "value to a tensor (only tensors, parameters and buffers)")
+        slots = [self.operand(node, a) for a in operands]
+        inputs = tuple(s for s, const in slots if not const)
+        if not inputs:
+            raise _unsupported(node, self.describe(node), "a sum of constants only")
+        self.emit(node, Add, inputs, constants=tuple(s for s, const in slots if const))
 
     def on_parts(self, node: fx.Node, fn: Callable) -> None:
         """``chunk``/``split``/``unbind``: a tuple of views, taken apart by ``getitem``."""
@@ -496,6 +540,13 @@ class _Builder:
 
     def on_getitem(self, node: fx.Node) -> None:
         base, index = node.args
+        if base in self.attention_nodes:  # (output, weights) of nn.MultiheadAttention
+            if index == 0:
+                self.alias(node, base)
+            elif node.users:
+                raise _unsupported(node, self.describe(base),
+                                   "the attention weights it returns are used (need_weights)")
+            return
         if base in self.parts_of:
             src, fn, args, kwargs = self.parts_of[base]
             if not isinstance(index, int):
@@ -558,6 +609,13 @@ class _Builder:
             self.emit(node, Gate, (self.slot_of[tensors[0]],), gate=self.num_slots - 1)
             return
         slots = [self.slot_of[a] for a in operands]
+        consts = [s for s in slots if s in self.const_slots]
+        if len(consts) == 1:  # scaling by a reshaped constant (p.view(-1, 1, 1)): a scale
+            signal = slots[1] if slots[0] == consts[0] else slots[0]
+            self.emit(node, Gate, (signal,), gate=consts[0])
+            return
+        if consts:
+            raise _unsupported(node, self.describe(node), "a product of constants only")
         gates = [s for s in slots if s in self.gate_of]
         if len(gates) != 1:
             why = ("both operands are gates" if gates else
@@ -609,9 +667,11 @@ class _Builder:
                       params=dict(output_size=module.output_size))
 
     def on_reshape(self, node: fx.Node, fn: Callable) -> None:
-        src = self.tensor_slot(node, node.args[0])
+        src, const = self.operand(node, node.args[0])
         self.emit(node, Reshape, (src,), fn=fn, args=self.refs(node.args[1:]),
                   kwargs=self.refs(node.kwargs))
+        if const:
+            self.const_slots.add(self.slot_of[node])
 
     def on_permute(self, node: fx.Node, method: str) -> None:
         src = self.tensor_slot(node, node.args[0])
@@ -634,7 +694,83 @@ class _Builder:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if not isinstance(dim, int):
             raise _unsupported(node, self.describe(node), "a dim computed at run time")
-        self.emit(node, Cat, tuple(self.tensor_slot(node, t) for t in tensors), dim=dim)
+        slots = [self.operand(node, t) for t in tensors]
+        if not any(const for _, const in slots):
+            self.emit(node, Cat, tuple(s for s, _ in slots), dim=dim)
+            return
+        self.emit(node, Cat, tuple(s for s, const in slots if not const), dim=dim,
+                  operands=tuple(s for s, _ in slots))
+        if all(const for _, const in slots):
+            self.const_slots.add(self.slot_of[node])
+
+    def on_expand(self, node: fx.Node) -> None:
+        """``expand`` of a constant (``class_token.expand(n, -1, -1)``): it never receives
+        relevance, so the broadcast needs no routing back."""
+        src, const = self.operand(node, node.args[0])
+        if not const:
+            raise _unsupported(node, self.describe(node), "expand of a tensor (only of a "
+                               "parameter or buffer, such as a class token)")
+        self.emit(node, Reshape, (src,), fn=torch.Tensor.expand, args=self.refs(node.args[1:]),
+                  kwargs=self.refs(node.kwargs))
+        self.const_slots.add(self.slot_of[node])
+
+    def on_multihead_attention(self, node: fx.Node, module: nn.MultiheadAttention) -> None:
+        """``nn.MultiheadAttention`` as one :class:`Attention` step (batch first, no masks)."""
+        what = f"module {node.target!r} (MultiheadAttention)"
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                 "average_attn_weights", "is_causal")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        for opt in ("key_padding_mask", "attn_mask"):
+            if given.get(opt) is not None:
+                raise _unsupported(node, what, f"{opt} (attention masks are not supported)")
+        if given.get("is_causal", False) is not False:
+            raise _unsupported(node, what, "is_causal=True (attention masks are not supported)")
+        if not module.batch_first:
+            raise _unsupported(node, what, "batch_first=False (rlrp_fast needs the batch as "
+                               "the first dimension of every tensor)")
+        if module.bias_k is not None or module.bias_v is not None:
+            raise _unsupported(node, what, "bias_k/bias_v (add_bias_kv=True)")
+        if module.add_zero_attn:
+            raise _unsupported(node, what, "add_zero_attn=True")
+        if module.training and module.dropout > 0:
+            raise _unsupported(node, what, "dropout in training mode (call model.eval())")
+        if module.in_proj_weight is not None:
+            wq, wk, wv = module.in_proj_weight.detach().chunk(3)
+        else:
+            wq, wk, wv = (module.q_proj_weight.detach(), module.k_proj_weight.detach(),
+                          module.v_proj_weight.detach())
+        bq = bk = bv = None
+        if module.in_proj_bias is not None:
+            bq, bk, bv = module.in_proj_bias.detach().chunk(3)
+        out = module.out_proj
+        value = self.tensor_slot(node, given["value"])
+        self.emit(node, Attention, (value,), query=self.tensor_slot(node, given["query"]),
+                  key=self.tensor_slot(node, given["key"]), num_heads=module.num_heads,
+                  q_weight=wq, k_weight=wk, v_weight=wv, q_bias=bq, k_bias=bk, v_bias=bv,
+                  out_weight=out.weight.detach(),
+                  out_bias=None if out.bias is None else out.bias.detach())
+        self.attention_nodes.add(node)
+
+    def on_sdpa(self, node: fx.Node) -> None:
+        """``F.scaled_dot_product_attention(q, k, v)`` as one :class:`Attention` step."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                 "enable_gqa")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        what = "scaled_dot_product_attention"
+        if given.get("attn_mask") is not None or given.get("is_causal", False) is not False:
+            raise _unsupported(node, what, "attn_mask or is_causal (attention masks are not "
+                               "supported)")
+        if given.get("dropout_p", 0.0) != 0.0:
+            raise _unsupported(node, what, "dropout_p > 0")
+        if given.get("enable_gqa", False) is not False:
+            raise _unsupported(node, what, "enable_gqa=True")
+        scale = given.get("scale")
+        if scale is not None and not isinstance(scale, (int, float)):
+            raise _unsupported(node, what, "a scale computed at run time")
+        self.emit(node, Attention, (self.tensor_slot(node, given["value"]),),
+                  query=self.tensor_slot(node, given["query"]),
+                  key=self.tensor_slot(node, given["key"]),
+                  scale=None if scale is None else float(scale))
 
     def on_mean(self, node: fx.Node) -> None:
         src = self.tensor_slot(node, node.args[0])

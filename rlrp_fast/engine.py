@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .backends.torch_backend import pool_forward
-from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
                    Pool, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
-from .rules import Propagator
+from .rules import Propagator, attention_forward
 
 
 @dataclass
@@ -67,11 +67,13 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
                 + per_channel(step.shift.to(x.dtype), x))
     if isinstance(step, Activation):
         return step.fn(args[0])
-    if isinstance(step, Add):
+    if isinstance(step, Add):  # (constants: appended to args by the caller)
         out = args[0]
         for other in args[1:]:
             out = out + other
         return out
+    if isinstance(step, Attention):
+        return attention_forward(step, *args)
     if isinstance(step, Cat):
         return torch.cat(args, dim=step.dim)
     if isinstance(step, Gate):
@@ -110,6 +112,8 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
         args = [values[s] for s in step.inputs]
         if isinstance(step, Gate):  # the rules read the gate too
             args.append(values[step.gate])
+        elif isinstance(step, Attention):  # and attention its query and key
+            args += [values[step.query], values[step.key]]
         try:
             if isinstance(step, MaxPool):
                 out, indices = step.fn(args[0])
@@ -126,6 +130,13 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 out = step.fn(*resolve(step.args, values), **resolve(step.kwargs, values))
             elif isinstance(step, Constant):  # in the forward's dtype, as weights are
                 out = step.value.to(x.dtype)
+            elif isinstance(step, Cat) and step.operands:  # with constants (no relevance)
+                every = [values[s] for s in step.operands]
+                out = torch.cat(every, dim=step.dim)
+                tape.shapes[i] = [a.shape for a in every]
+            elif isinstance(step, Add) and step.constants:  # constants take no relevance
+                out = _forward_step(step, args + [values[s] for s in step.constants],
+                                    weights, i)
             else:
                 out = _forward_step(step, args, weights, i)
                 if isinstance(step, Cat):
@@ -199,7 +210,7 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
         if prop is not None:
             inputs = tape.inputs.pop(i)
             if safe:
-                r, inputs = _unit_max(r), _joint_unit_max(inputs, r.value.dtype)
+                r, inputs = _unit_max(r), _safe_inputs(step, inputs, r.value.dtype)
             parts = prop(backend, step, r, inputs, tape.outputs.pop(i, None))
             if keep_mass:
                 norms.append(sum(p.value_l1() for p in parts))
@@ -254,6 +265,15 @@ def _joint_unit_max(inputs: list[torch.Tensor], dtype: torch.dtype) -> list[torc
     return [_divide_by_max(t, peak) for t in inputs]
 
 
+def _safe_inputs(step: Step, inputs: list[torch.Tensor], dtype: torch.dtype
+                 ) -> list[torch.Tensor]:
+    """:func:`_joint_unit_max` of a step's inputs, except attention's query and key: the
+    softmax is not invariant to their scale (only the value's scale cancels)."""
+    if isinstance(step, Attention):
+        return _joint_unit_max(inputs[:1], dtype) + [t.to(dtype) for t in inputs[1:]]
+    return _joint_unit_max(inputs, dtype)
+
+
 def _max_abs(t: torch.Tensor) -> torch.Tensor:
     return t.abs().reshape(t.shape[0], -1).amax(1)
 
@@ -287,5 +307,8 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
         return [Rel(out, r.mass, r.l1)]
     if isinstance(step, Cat):
         sizes = [s[step.dim] for s in tape.shapes[i]]
-        return share_mass(list(torch.split(r.value, sizes, dim=step.dim)), r.mass)
+        parts = list(torch.split(r.value, sizes, dim=step.dim))
+        if step.operands:  # a constant's slice is dropped; the others share the whole mass
+            parts = [p for p, s in zip(parts, step.operands) if s in step.inputs]
+        return share_mass(parts, r.mass)
     raise AssertionError(type(step))

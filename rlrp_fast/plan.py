@@ -16,8 +16,10 @@ Step kinds (one class each):
   relevance to the signal only.
 - ``Constant`` a parameter or number used directly in ``forward``.
 - ``LayerNorm`` layer normalisation, linear in its input with ``σ`` held constant.
-- ``Add``      residual sum of two or more tensors.
-- ``Cat``      concatenation; each input receives its slice.
+- ``Add``      residual sum of two or more tensors (constants added take nothing).
+- ``Cat``      concatenation; each input receives its slice (a constant's is dropped).
+- ``Attention`` ``nn.MultiheadAttention`` / ``F.scaled_dot_product_attention`` as one step:
+  relevance reaches the tokens through the values only.
 - ``Select``   a part of a tensor (chunk, split, unbind, slicing); the rest gets nothing.
 - ``Meta``     non-tensor values (``x.size(0)``) that shape arguments of other steps need.
 """
@@ -197,14 +199,44 @@ class Select(Step):
 
 @dataclass(frozen=True, eq=False)
 class Add(Step):
-    """``z = Σ inputs`` (broadcasting is refused at run time)."""
+    """``z = Σ inputs + Σ constants``. ``constants`` are the slots of :class:`Constant` values
+    (a position embedding, broadcast) added in the forward but given no relevance: they act
+    as a bias (RLRP_SPEC.md, "Constants take nothing")."""
+
+    constants: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
 class Cat(Step):
-    """``z = torch.cat(inputs, dim)``."""
+    """``z = torch.cat(operands or inputs, dim)``. With constant operands (a class token),
+    ``operands`` lists every slot in order and ``inputs`` only the non-constant ones: a
+    constant's slice gets no relevance."""
 
     dim: int
+    operands: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Attention(Step):
+    """Scaled dot-product attention as one step: ``nn.MultiheadAttention`` (batch first; the
+    ``q/k/v`` projections, split into ``num_heads`` heads, attention, heads merged, output
+    projection) or ``F.scaled_dot_product_attention`` (no projections: ``v_weight`` is None,
+    heads already a dimension). ``inputs`` is the value input only; ``query`` and ``key`` are
+    read, never given relevance (RLRP_SPEC.md, "Gates: the signal takes all": ``P`` is held
+    constant). ``scale`` None is ``1/√d``. Weights are the module's own tensors (views)."""
+
+    query: int
+    key: int
+    num_heads: int = 1
+    q_weight: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    v_weight: torch.Tensor | None = None
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    out_weight: torch.Tensor | None = None
+    out_bias: torch.Tensor | None = None
+    scale: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,6 +279,12 @@ def step_reads(step: Step) -> list[int]:
     slots = list(step.inputs)
     if isinstance(step, Gate):
         slots.append(step.gate)
+    if isinstance(step, Add):
+        slots += step.constants
+    if isinstance(step, Cat):
+        slots += step.operands
+    if isinstance(step, Attention):
+        slots += [step.query, step.key]
     if isinstance(step, (Reshape, Meta, Select)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
     return slots

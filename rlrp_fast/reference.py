@@ -48,6 +48,14 @@ Rules (same names and meaning as ``rules.py``):
   at them; forks and max-pools keep the arriving L1 mass only when every step is R-LRP's
   (or ``"pass"``), as for ``"rlrp"``; otherwise relevance is summed plainly.
 
+Attention (``nn.MultiheadAttention``, ``scaled_dot_product_attention``) is written out as three
+explicit per-sample matrices over (tokens × features) — output projection, value mixing with
+``P`` held constant, value projection — R-LRP renormalising after each, the classic rules
+dividing each by its own ``stab(z)`` (formulas ``"attention"``, ``"attention_eps"``, param
+``eps``). Constants take nothing: an ``Add`` with constant operands is a bias (linear in its
+tensors under every ``skip``), a ``Cat``'s constant slice is dropped and, for R-LRP, the other
+slices are rescaled jointly to ``‖R_y‖₁``.
+
 zennit's stabiliser is ``stab(z) = z + ε·(sign(z) + (z == 0))``; ``ε = 0`` leaves ``z``.
 """
 from __future__ import annotations
@@ -59,7 +67,7 @@ from typing import Sequence
 
 import torch
 
-from .plan import (Activation, Add, Affine, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
                    Pool, Reshape, Scale, Select, SlotRef)
 
 DTYPE = torch.float64
@@ -399,6 +407,9 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
                 op = _add_op(shapes)
             a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
             z_flat = _apply(op, a_flat)
+            if isinstance(step, Add) and step.constants:  # a bias, per sample (broadcast)
+                added = sum(values[c] for c in step.constants)
+                z_flat = z_flat + torch.broadcast_to(added, (n, *op.out_shape)).reshape(n, -1)
             fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k] = op, a_flat, z_flat
             out = z_flat.view(n, *op.out_shape)
         elif isinstance(step, Activation):
@@ -414,7 +425,9 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
         elif isinstance(step, Select):
             out = step.apply(args[0], _resolve(step.args, values), _resolve(step.kwargs, values))
         elif isinstance(step, Cat):
-            out = torch.cat(args, dim=step.dim)
+            out = torch.cat([values[s] for s in step.operands] or args, dim=step.dim)
+        elif isinstance(step, Attention):
+            out = _attention(step, args[0], values[step.query], values[step.key])[-1]
         elif isinstance(step, Gate):
             out = args[0] * values[step.gate]
         elif isinstance(step, Constant):
@@ -557,9 +570,10 @@ _CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ra
                   "zplus": _c_zplus, "alphabeta": _c_alphabeta,
                   "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare,
                   "pass": _c_pass}
-_MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "layer_norm", "pass_signal")
+_MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "layer_norm", "pass_signal",
+                 "attention")
 # formulas of steps that are not a linear map of all their inputs (written out on their own)
-_ELEMENTWISE = ("gate", "layer_norm", "pass_signal")
+_ELEMENTWISE = ("gate", "layer_norm", "pass_signal", "attention", "attention_eps")
 
 
 def contributions(formula: str, op: _LinearOp, a: torch.Tensor, z: torch.Tensor,
@@ -580,7 +594,11 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
     first_conv = next((k for k, s in enumerate(plan.steps)
                        if isinstance(s, Affine) and s.conv_dims), None)
     for k, step in enumerate(plan.steps):
-        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention)):
+            continue
+        if isinstance(step, Attention):
+            out[k] = ("attention", {"norm": options["norm"]}) if rule == "rlrp" else (
+                "attention_eps", {"eps": _attention_epsilon(step, rule, options, stab)})
             continue
         if isinstance(step, (Gate, LayerNorm)):  # the classic rules: the signal takes R
             kind = "gate" if isinstance(step, Gate) else "layer_norm"
@@ -589,7 +607,9 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
             continue
         if rule == "rlrp":
             if isinstance(step, Add):  # adds never take the neuron form
-                out[k] = ("ratio", {}) if options["skip"] == "ratio" else ("rlrp", {})
+                # an add with a constant (a bias) is linear in its tensors under every skip
+                ratio = options["skip"] == "ratio" and not step.constants
+                out[k] = ("ratio", {}) if ratio else ("rlrp", {})
             else:
                 out[k] = ("rlrp_neuron" if options["norm"] == "neuron" else "rlrp", {})
             continue
@@ -617,6 +637,19 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
         }[name]
         out[k] = (name, params)
     return out
+
+
+def _attention_epsilon(step: Attention, rule: str, options: dict, stab: float) -> float:
+    """The classic rules' ε at attention: a MultiheadAttention gets the dense layers' ε
+    (``lrp0``: 0; ``epsilon`` and the composites: their ``epsilon``); otherwise (rules that
+    do not apply to attention, scaled_dot_product_attention) the base ``Norm``'s stabiliser."""
+    if step.out_weight is None:
+        return stab
+    if rule == "lrp0":
+        return 0.0
+    if rule in ("epsilon", "EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat"):
+        return float(options.get("epsilon", 1e-6))
+    return stab
 
 
 def _bound(value, a: torch.Tensor) -> torch.Tensor:
@@ -710,7 +743,7 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str | dict = "rlrp",
 def _check_assignment(plan: Plan, assignment: dict) -> dict[int, tuple[str, dict]]:
     """A per-step assignment, checked: exactly the linear steps, known formulas."""
     linear = {k for k, s in enumerate(plan.steps)
-              if isinstance(s, (Affine, Pool, Scale, Add, Gate, LayerNorm))}
+              if isinstance(s, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention))}
     if set(assignment) != linear:
         raise ValueError(f"the assignment must cover exactly the linear steps {sorted(linear)}; "
                          f"got {sorted(assignment)}")
@@ -755,6 +788,13 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, LayerNorm):
             parts = [_layer_norm_backward(step, r_z, inputs[0], *formulas[k])]
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        elif isinstance(step, Attention):
+            parts = [_attention_backward(step, r_z, inputs[0], fw.values[step.query],
+                                         fw.values[step.key], *formulas[k])]
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        elif isinstance(step, Cat) and step.operands:
+            parts = _cat_with_constants(step, r_z, fw.values, keeps_mass)
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif k in formulas:
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
@@ -835,6 +875,104 @@ def _layer_norm_backward(step, r_z, x, formula, options) -> torch.Tensor:
                         torch.zeros_like(c))
     r_tilde = c.sum(2).reshape(x.shape[0], -1)
     return _renormalise(r_tilde, r_z.reshape(x.shape[0], -1)).view(x.shape)
+
+
+def _cat_with_constants(step, r_z, values, keeps_mass) -> list[torch.Tensor]:
+    """``cat`` with constant operands (a class token): each operand's slice as for any cat,
+    the constants' slices dropped; for R-LRP the others jointly rescaled to ``‖R_y‖₁`` (the
+    constant's share goes back to the inputs, as a bias's does)."""
+    shapes = [tuple(values[s].shape) for s in step.operands]
+    every = _route_by_index(lambda pos: torch.cat(pos, dim=step.dim), shapes, r_z)
+    kept = [p for p, s in zip(every, step.operands) if s in step.inputs]
+    if not keeps_mass:
+        return kept
+    n = r_z.shape[0]
+    joint = _rescale(torch.cat([p.reshape(n, -1) for p in kept], 1), _l1(r_z))
+    sizes = [p[0].numel() for p in kept]
+    return [j.view(p.shape) for j, p in zip(joint.split(sizes, 1), kept)]
+
+
+def _attention(step: Attention, xv, xq, xk):
+    """The attention step written out in float64: ``q, k, v`` per head ``(N, H, L, d)`` (as
+    given for scaled_dot_product_attention), ``P = softmax(q kᵀ·scale)``, ``o = P v`` (heads
+    merged: ``(N, L, H·d)``) and the output ``o W_oᵀ + b_o``. Returns ``(v, P, o, out)``."""
+    xv, xq, xk = (t.to(DTYPE) for t in (xv, xq, xk))
+
+    def project(x, w, b):
+        y = torch.einsum("nle,fe->nlf", x, w.to(DTYPE))
+        if b is not None:
+            y = y + b.to(DTYPE)
+        return y.reshape(*y.shape[:2], step.num_heads, -1).permute(0, 2, 1, 3)
+
+    if step.v_weight is None:
+        q, k, v = xq, xk, xv
+    else:
+        q, k, v = (project(xq, step.q_weight, step.q_bias), project(xk, step.k_weight, step.k_bias),
+                   project(xv, step.v_weight, step.v_bias))
+    scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("...ld,...sd->...ls", q, k) * scale
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))
+    p = e / e.sum(-1, keepdim=True)
+    o = torch.einsum("...ls,...sd->...ld", p, v)
+    if step.v_weight is None:
+        return v, p, o, o
+    o = o.permute(0, 2, 1, 3).reshape(o.shape[0], o.shape[2], -1)
+    out = torch.einsum("nle,fe->nlf", o, step.out_weight.to(DTYPE))
+    if step.out_bias is not None:
+        out = out + step.out_bias.to(DTYPE)
+    return v, p, o, out
+
+
+def _dense_rule(a, matrix, bias, r, formula, options) -> torch.Tensor:
+    """One linear sub-step of attention for flattened samples: ``a`` (N, I), ``matrix``
+    (J, I) or per sample (N, J, I), ``bias`` (J,) or None, ``r`` (N, J). Contributions
+    ``c_ij = a_i M_ji R_j`` (R-LRP; ``norm="neuron"``: over ``s_j = Σ_i |a_i M_ji|``; then
+    renormalised to ``‖R‖₁``) or ``a_i M_ji R_j / stab(z_j)`` (ε), summed over ``j``."""
+    m = matrix if matrix.dim() == 3 else matrix[None]
+    terms = a[:, None, :] * m                                          # a_i M_ji
+    if formula == "attention_eps":
+        z = terms.sum(2) + (0 if bias is None else bias)
+        return (terms * (r / _stab(z, options["eps"]))[:, :, None]).sum(1)
+    c = terms * r[:, :, None]
+    if options["norm"] == "neuron":
+        s = terms.abs().sum(2, keepdim=True)
+        c = torch.where(s > 0, c / torch.where(s > 0, s, torch.ones_like(s)),
+                        torch.zeros_like(c))
+    return _renormalise(c.sum(1), r)
+
+
+def _attention_backward(step, r_z, xv, xq, xk, formula, options) -> torch.Tensor:
+    """Attention as three linear sub-steps, each an explicit per-sample matrix over
+    (tokens × features): the output projection ``kron(I_L, W_o)`` with input ``o``, the
+    value mixing ``P`` (per head, the identity over features) with input ``V`` (``P`` held
+    constant), the value projection ``kron(I_S, W_v)`` with input ``x``; R-LRP renormalises
+    after each, ε divides by each sub-step's own ``z``. Query and key get nothing."""
+    v, p, o, _ = _attention(step, xv, xq, xk)
+    n = r_z.shape[0]
+    r = r_z.to(DTYPE).reshape(n, -1)
+    if step.out_weight is not None:
+        tokens = o.shape[1]
+        w_o = torch.kron(torch.eye(tokens, dtype=DTYPE), step.out_weight.to(DTYPE))
+        b_o = None if step.out_bias is None else step.out_bias.to(DTYPE).repeat(tokens)
+        r = _dense_rule(o.reshape(n, -1), w_o, b_o, r, formula, options)
+        # merged (N, L, H·d) → per head (N, H, L, d), as V is laid out
+        r = r.view(n, tokens, step.num_heads, -1).permute(0, 2, 1, 3).reshape(n, -1)
+    lead, (length, width), source = v.shape[1:-2], p.shape[-2:], v.shape[-2]
+    d = v.shape[-1]
+    heads = math.prod(lead)
+    # M[(h, l, e), (g, s, f)] = P[h, l, s] · δ_hg · δ_ef
+    mix = torch.einsum("nhls,hg,ef->nhlegsf", p.reshape(n, heads, length, width),
+                       torch.eye(heads, dtype=DTYPE), torch.eye(d, dtype=DTYPE))
+    mix = mix.reshape(n, heads * length * d, heads * source * d)
+    r = _dense_rule(v.reshape(n, -1), mix, None, r, formula, options)
+    if step.v_weight is None:
+        return r.view(xv.shape)
+    # per head (N, H, S, d) → merged (N, S, H·d), as the value projection outputs it
+    r = r.view(n, step.num_heads, source, d).permute(0, 2, 1, 3).reshape(n, -1)
+    w_v = torch.kron(torch.eye(source, dtype=DTYPE), step.v_weight.to(DTYPE))
+    b_v = None if step.v_bias is None else step.v_bias.to(DTYPE).repeat(source)
+    return _dense_rule(xv.to(DTYPE).reshape(n, -1), w_v, b_v, r, formula, options
+                       ).view(xv.shape)
 
 
 def _gate_backward(step, r_z, signal, gate, formula, options) -> torch.Tensor:

@@ -28,7 +28,10 @@ import torch.nn as nn
 from .backends import Backend
 from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, share_mass,
                        stabilize)
-from .plan import Add, Affine, Gate, LayerNorm, Plan, Pool, Scale, Step, scale_rows
+import torch.nn.functional as F
+
+from .plan import (Add, Affine, Attention, Gate, LayerNorm, Plan, Pool, Scale, Step,
+                   scale_rows)
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
 COMPOSITES = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat")
@@ -223,6 +226,118 @@ class RlrpLayerNorm:
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
+# -- attention -------------------------------------------------------------------------------
+def attention_qkv(step: Attention, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` as attention reads them: for ``nn.MultiheadAttention`` projected and split
+    into heads, ``(N, H, L, d)``; for ``scaled_dot_product_attention`` the inputs as given."""
+    if step.v_weight is None:
+        return xq, xk, xv
+    def heads(x, w, b):
+        y = F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return y.unflatten(-1, (step.num_heads, -1)).transpose(1, 2)
+    return (heads(xq, step.q_weight, step.q_bias), heads(xk, step.k_weight, step.k_bias),
+            heads(xv, step.v_weight, step.v_bias))
+
+
+def merge_heads(step: Attention, o: torch.Tensor) -> torch.Tensor:
+    """``(N, H, L, d)`` → ``(N, L, H·d)`` for a MultiheadAttention (SDPA: unchanged)."""
+    return o if step.v_weight is None else o.transpose(1, 2).flatten(2)
+
+
+def split_heads(step: Attention, o: torch.Tensor) -> torch.Tensor:
+    return o if step.v_weight is None else o.unflatten(-1, (step.num_heads, -1)).transpose(1, 2)
+
+
+def attention_forward(step: Attention, xv: torch.Tensor, xq: torch.Tensor, xk: torch.Tensor
+                      ) -> torch.Tensor:
+    """The step's output, computed as torch computes it in eval."""
+    q, k, v = attention_qkv(step, xq, xk, xv)
+    o = merge_heads(step, F.scaled_dot_product_attention(q, k, v, scale=step.scale))
+    if step.out_weight is None:
+        return o
+    b = None if step.out_bias is None else step.out_bias.to(o.dtype)
+    return F.linear(o, step.out_weight.to(o.dtype), b)
+
+
+def attention_probs(step: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``P = softmax(q kᵀ · scale)`` ``(…, L, S)``, materialised (held constant)."""
+    scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """``t / ‖t‖₁`` per sample (0 for an all-zero sample): the next sub-step's relevance."""
+    l1 = l1_per_sample(t)
+    return t * per_sample(safe_ratio(torch.ones_like(l1), l1), t)
+
+
+@dataclass(frozen=True)
+class RlrpAttention:
+    """Attention as three successive linear steps (RLRP_SPEC.md), each renormalised with one
+    scalar per sample over the whole tensor: the output projection ``R̃_o = o ⊙ (W_oᵀ R)``,
+    the value mixing with ``P`` held constant ``R̃_V = V ⊙ (Pᵀ R_o)`` (``V`` with its bias),
+    the value projection ``R̃_x = x ⊙ (W_vᵀ R_V)``. ``norm="neuron"`` divides each by its own
+    ``s = |W||a|`` (``s = P|V|`` for the mixing). ``scaled_dot_product_attention`` has the
+    value mixing only. Query and key get nothing. Between the sub-steps the relevance is kept
+    at unit L1 per sample; the mass rides along."""
+
+    neuron: bool = False
+    needs_output = False
+
+    def _linear(self, g, a, w):
+        w = w.to(g.dtype)
+        if self.neuron:
+            g = safe_ratio(g, F.linear(a.abs(), w.abs()))
+        return a * (g @ w)
+
+    def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
+        dtype = r.value.dtype
+        xv, xq, xk = (t.to(dtype) for t in inputs)
+        q, k, v = attention_qkv(step, xq, xk, xv)
+        p = attention_probs(step, q, k)
+        g = r.value * per_sample(r.unit_scale(), r.value)
+        if step.out_weight is not None:
+            g = split_heads(step, _unit(self._linear(g, merge_heads(step, p @ v),
+                                                     step.out_weight)))
+        if self.neuron:
+            g = safe_ratio(g, p @ v.abs())
+        r_tilde = v * (p.transpose(-2, -1) @ g)
+        if step.v_weight is not None:
+            r_tilde = self._linear(_unit(merge_heads(step, r_tilde)), xv, step.v_weight)
+        return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
+
+
+@dataclass(frozen=True)
+class EpsilonAttention:
+    """The classic rules at attention (LXT's convention; zennit has none): LRP-ε on the value
+    path with ``P`` held constant: ``R_o = o ⊙ W_oᵀ(R / stab(z))`` (``z`` the output, its bias
+    included), ``R_V = V ⊙ Pᵀ(R_o / stab(P V))``, ``R_x = x ⊙ W_vᵀ(R_V / stab(V))``; query
+    and key get nothing."""
+
+    epsilon: float
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        g = r.value
+        dtype = g.dtype
+        xv, xq, xk = (t.to(dtype) for t in inputs)
+        q, k, v = attention_qkv(step, xq, xk, xv)
+        p = attention_probs(step, q, k)
+        pv = p @ v
+        if step.out_weight is not None:
+            o = merge_heads(step, pv)
+            w = step.out_weight.to(dtype)
+            out = F.linear(o, w, None if step.out_bias is None else step.out_bias.to(dtype))
+            g = split_heads(step, o * ((g / stabilize(out, self.epsilon)) @ w))
+        r_v = v * (p.transpose(-2, -1) @ (g / stabilize(pv, self.epsilon)))
+        if step.v_weight is None:
+            return [Rel(r_v)]
+        r_v, v = merge_heads(step, r_v), merge_heads(step, v)
+        return [Rel(xv * ((r_v / stabilize(v, self.epsilon)) @ step.v_weight.to(dtype)))]
+
+
 @dataclass(frozen=True)
 class PassToSignal:
     """The classic rules at a gate or constant scale (zennit/LXT): the gate is a constant and
@@ -369,7 +484,7 @@ class PassTerms:
 # built and, for each plan step it is assigned to, builds the propagator above that does the
 # work (its modified weights prepared once, per dtype). Adding a rule is one subclass:
 # ``applies_to`` (the step kinds it has a meaning for) and ``propagator``.
-RULED_STEPS = (Affine, Pool, Scale, Add, Gate, LayerNorm)  # the steps a rule is assigned to
+RULED_STEPS = (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention)  # the steps a rule is assigned to
 
 
 class Rule:
@@ -420,12 +535,16 @@ class RLRP(Rule):
             return RlrpGate(neuron)
         if isinstance(step, LayerNorm):
             return RlrpLayerNorm(neuron)
+        if isinstance(step, Attention):
+            return RlrpAttention(neuron)
         if isinstance(step, Affine):
             scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
             weight = step.weight.to(dtype)
             return RlrpAffine(weight, scale, weight.abs() if neuron else None)
         if isinstance(step, Add):  # sums never take the neuron form (RLRP_SPEC.md)
-            return RlrpAddLinear() if self.skip == "linear" else RlrpAddRatio()
+            # a constant added is a bias: the linear rule over the tensors, under every skip
+            linear = self.skip == "linear" or step.constants
+            return RlrpAddLinear() if linear else RlrpAddRatio()
         return RlrpFixedLinear(neuron)
 
 
@@ -444,6 +563,8 @@ class Norm(Rule):
             return EpsilonTerms(step.effective_weight(dtype), self.stabilizer)
         if isinstance(step, (Gate, LayerNorm)):  # the base rules' convention (zennit/LXT)
             return PassToSignal()
+        if isinstance(step, Attention):  # LXT's: ε on the value path, P held constant
+            return EpsilonAttention(self.stabilizer)
         return NormTerms(self.stabilizer)
 
 
@@ -459,13 +580,18 @@ class Pass(Rule):
 
 class Epsilon(Rule):
     """LRP-ε: ``R_a = a ⊙ Wᵀ(R / stab(z))``, ``stab(z) = z + ε·(sign(z) + (z == 0))``;
-    ``Epsilon(0)`` is LRP-0."""
+    ``Epsilon(0)`` is LRP-0. An ``nn.MultiheadAttention`` whose output projection (a Linear)
+    the composite maps to this rule gets ε on its value path (:class:`EpsilonAttention`)."""
+
+    applies_to = (Affine, Attention)
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         _check_number("epsilon", epsilon)
         self.epsilon = float(epsilon)
 
     def propagator(self, step, dtype):
+        if isinstance(step, Attention):
+            return EpsilonAttention(self.epsilon)
         return EpsilonTerms(step.effective_weight(dtype), self.epsilon)
 
 
@@ -696,6 +822,8 @@ class Composite:
         return None
 
     def _rule_of(self, step: Step, module: nn.Module | None, first) -> Rule:
+        if isinstance(step, Attention):
+            return self._attention_rule(step, module)
         if module is not None:
             if step.module in self.names:
                 return self.names[step.module]
@@ -712,6 +840,21 @@ class Composite:
             raise ValueError(f"the composite gives {_describe(step, module)} no rule; map "
                              "its type in layer_map, its name in names, or return a rule "
                              "for it from rule_for")
+        return self.base
+
+
+    def _attention_rule(self, step: Attention, module: nn.Module | None) -> Rule:
+        """An attention module named in ``names`` gets that rule; else the rule its output
+        projection (a Linear) maps to when that rule has a meaning at attention (R-LRP, ε:
+        the dense layers' ε), else ``base``. ``scaled_dot_product_attention`` (no module)
+        gets ``base``."""
+        if module is not None and step.module in self.names:
+            return self.names[step.module]
+        out_proj = getattr(module, "out_proj", None)
+        if isinstance(out_proj, nn.Linear):
+            for types, rule in self.layer_map:
+                if isinstance(out_proj, types):
+                    return rule if Attention in rule.applies_to else self.base
         return self.base
 
 
@@ -770,7 +913,8 @@ def _describe(step: Step, module: nn.Module | None) -> str:
 
 def _kinds(kinds: tuple[type, ...]) -> str:
     words = {Affine: "Linear/Conv", Pool: "average pools and means", Scale: "lone BatchNorms",
-             Add: "residual sums", Gate: "gated or scaled products", LayerNorm: "layer norms"}
+             Add: "residual sums", Gate: "gated or scaled products", LayerNorm: "layer norms",
+             Attention: "attention"}
     return ", ".join(words[k] for k in kinds)
 
 
