@@ -267,10 +267,14 @@ def _joint_unit_max(inputs: list[torch.Tensor], dtype: torch.dtype) -> list[torc
 
 def _safe_inputs(step: Step, inputs: list[torch.Tensor], dtype: torch.dtype
                  ) -> list[torch.Tensor]:
-    """:func:`_joint_unit_max` of a step's inputs, except attention's query and key: the
-    softmax is not invariant to their scale (only the value's scale cancels)."""
-    if isinstance(step, Attention):
+    """:func:`_joint_unit_max` of a step's inputs, except attention's query and key (the
+    softmax is not invariant to their scale; only the value's scale cancels), a gate (bounded,
+    and a constant gate has no batch dimension) and a layer norm's input (``σ = √(var + eps)``
+    does not scale with it; ``x/σ`` is bounded anyway)."""
+    if isinstance(step, (Attention, Gate)):  # a gate (or constant) is bounded: signal only
         return _joint_unit_max(inputs[:1], dtype) + [t.to(dtype) for t in inputs[1:]]
+    if isinstance(step, LayerNorm):
+        return [t.to(dtype) for t in inputs]
     return _joint_unit_max(inputs, dtype)
 
 

@@ -99,3 +99,17 @@ def test_convnext_explains():
         mass = e.logits.double().gather(1, e.targets[:, None]).abs().view(-1)
         torch.testing.assert_close(e.relevance.double().abs().flatten(1).sum(1), mass,
                                    rtol=1e-4, atol=0)
+
+
+def test_the_safe_rerun_keeps_layer_norms_exact():
+    """The rerun for out-of-range values scales each step's inputs, but not a layer norm's
+    (σ = √(var + eps) does not scale with its input): a dead sample forces the rerun for the
+    whole batch, and the live sample's map must not move."""
+    model = block_net(False, "parameter").double()
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    dead = torch.cat([x[:1], torch.zeros_like(x[:1])])  # all-zero input: relevance vanishes
+    with torch.no_grad():
+        model[0].bias.zero_()
+    alone = rlrp_fast.explain(model, x[:1]).relevance
+    both = rlrp_fast.Explainer(model).explain(dead)
+    torch.testing.assert_close(both.relevance[:1], alone, rtol=1e-10, atol=1e-14)
