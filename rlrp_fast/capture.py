@@ -439,8 +439,10 @@ class _Builder:
 
     def on_call_function(self, node: fx.Node) -> None:
         fn = node.target
-        if fn is torch._assert:
-            return  # a shape check: no value, no relevance
+        if fn is torch._assert:  # the model's own shape check, run by the plan too
+            if all(a in self.is_meta for a in node.all_input_nodes):
+                self.emit_meta(node, fn)
+            return
         if self.all_meta(node):
             if fn in _META_FUNCTIONS:
                 self.emit_meta(node, fn)

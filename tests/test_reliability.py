@@ -369,3 +369,20 @@ def test_fuzz(seed, magnitude, dtype, norm):
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class Asserting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        torch._assert(x.shape[1] == 3, "expected 3 tokens")
+        return self.fc(x).mean(1)
+
+
+def test_the_models_own_shape_checks_run_in_the_plan():
+    explainer = rlrp_fast.Explainer(Asserting().eval())
+    explainer.explain(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="expected 3 tokens"):
+        explainer.explain(torch.randn(2, 5, 4))
