@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import Backend
-from .backends.torch_backend import pool_forward
+from .backends.torch_backend import affine_forward, pool_forward
 from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
                    Pool, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
@@ -33,18 +33,10 @@ class Tape:
     selections: dict[int, tuple] = field(default_factory=dict)  # Select: resolved arguments
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class StepError(ValueError):
     """A step failed in the forward pass; the message names the step."""
-
-
-def _affine(step: Affine, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
-            ) -> torch.Tensor:
-    if not step.is_conv:
-        return F.linear(x, w, b)
-    return _CONV[step.conv_dims](x, w, b, step.stride, step.padding, step.dilation, step.groups)
 
 
 def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int):
@@ -52,13 +44,13 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
         w, b, s = weights[index]
         x = args[0]
         if s is None:
-            return _affine(step, x, w, b)
+            return affine_forward(step, w, b, x)
         if not step.is_conv and x.dim() != 2:
             raise ValueError("a Linear followed by BatchNorm1d needs (N, features) input")
         # the folded BatchNorm: scale the weight or the output, whichever is smaller
         if w.numel() < step.output_numel(x.shape):
-            return _affine(step, x, scale_rows(w, s).to(w.dtype), b)
-        return _affine(step, x, w, None).mul_(per_channel(s, x)).add_(per_channel(b, x))
+            return affine_forward(step, scale_rows(w, s).to(w.dtype), b, x)
+        return affine_forward(step, w, None, x).mul_(per_channel(s, x)).add_(per_channel(b, x))
     if isinstance(step, Pool):
         return pool_forward(step, args[0])
     if isinstance(step, Scale):

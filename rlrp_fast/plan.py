@@ -248,7 +248,6 @@ class Meta(Step):
     kwargs: dict = field(default_factory=dict)
 
 
-LINEAR_STEPS = (Affine, Pool, Scale)
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,17 +260,6 @@ class Plan:
     num_slots: int
     # per slot, the traced node whose value it holds (trace verification compares them)
     slot_nodes: tuple[str | None, ...] = ()
-
-    def consumers(self) -> dict[int, list[int]]:
-        """Slot → indices of the steps that read it (as a tensor input or an argument)."""
-        out: dict[int, list[int]] = {}
-        for i, step in enumerate(self.steps):
-            for slot in step_reads(step):
-                out.setdefault(slot, []).append(i)
-        return out
-
-    def affine_steps(self) -> list[Affine]:
-        return [s for s in self.steps if isinstance(s, Affine)]
 
 
 def step_reads(step: Step) -> list[int]:

@@ -42,14 +42,20 @@ def _output_padding(step: Affine, input_shape: torch.Size, g: torch.Tensor) -> l
     return pads
 
 
+def affine_forward(step: Affine, weight: torch.Tensor, bias: torch.Tensor | None,
+                   x: torch.Tensor) -> torch.Tensor:
+    """``W x + b`` with the step's geometry (the plan's forward and the rules use it)."""
+    if not step.is_conv:
+        return F.linear(x, weight, bias)
+    return _CONV[step.conv_dims](x, weight, bias, step.stride, step.padding, step.dilation,
+                                 step.groups)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def affine_forward(self, step, weight, bias, x):
-        if not step.is_conv:
-            return F.linear(x, weight, bias)
-        return _CONV[step.conv_dims](x, weight, bias, step.stride, step.padding,
-                                     step.dilation, step.groups)
+        return affine_forward(step, weight, bias, x)
 
     def _transpose(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
                    input_shape: torch.Size) -> torch.Tensor:
