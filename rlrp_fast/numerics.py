@@ -37,6 +37,15 @@ def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(den))
 
 
+def divide_into(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, 0 where ``den`` is 0, written over ``den`` (a fresh tensor the caller
+    owns, ``den >= 0``): three passes and no allocation of ``den``'s size, where
+    :func:`safe_ratio` takes five and three — this runs once per layer under
+    ``norm="neuron"``."""
+    zero = den == 0
+    return torch.div(num, den, out=den).masked_fill_(zero, 0)
+
+
 class Rel(NamedTuple):
     """Relevance on its way to the input.
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from .backends import Backend
-from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, share_mass,
-                       stabilize)
+from .numerics import (Rel, divide_into, l1_per_sample, per_channel, per_sample, safe_ratio,
+                       share_mass, stabilize)
 import torch.nn.functional as F
 
 from .plan import (Add, Affine, Attention, Gate, LayerNorm, Plan, Pool, Scale, Step,
@@ -94,8 +94,9 @@ class RlrpAffine:
 
     The unit-L1 factor of the incoming value is applied in the contraction's epilogue. A
     folded BatchNorm (``W' = s·W``) enters as ``W'ᵀ R = Wᵀ (s ⊙ R)``: no scaled weight copy
-    is kept. ``abs_weight`` is ``|W|``, kept for ``norm="neuron"`` only (one copy of the
-    weights: a per-call ``abs`` would read them once more on every call)."""
+    is kept. ``abs_weight`` is ``|s ⊙ W|``, kept for ``norm="neuron"`` only (one copy of the
+    weights: a per-call ``abs`` would read them once more on every call, and the folded
+    scale inside it saves a pass over ``s``'s output)."""
 
     weight: torch.Tensor
     channel_scale: torch.Tensor | None
@@ -106,11 +107,9 @@ class RlrpAffine:
         r, plain = _carry(r)
         weight, g, s = self.weight, r.value, self.channel_scale
         a = inputs[0]
-        if self.abs_weight is not None:
-            den = backend.affine_forward(step, self.abs_weight, None, a.abs().to(g.dtype))
-            if s is not None:
-                den = den * per_channel(s.abs(), den)
-            g = safe_ratio(g, den)
+        if self.abs_weight is not None:  # |s ⊙ W| |a|: the folded scale is in abs_weight
+            g = divide_into(g, backend.affine_forward(step, self.abs_weight, None,
+                                                      a.abs().to(g.dtype)))
         if s is not None:  # scale whichever is smaller, the weight or the relevance
             if weight.numel() < g.numel():
                 weight = scale_rows(weight, s)
@@ -138,7 +137,7 @@ class RlrpFixedLinear:
                 den = backend.pool_forward(step, a.abs().to(g.dtype))
             else:
                 den = (a.to(g.dtype) * per_channel(step.scale.to(g.dtype), g)).abs_()
-            g = safe_ratio(g, den)
+            g = divide_into(g, den)
         r_tilde = _fixed_linear_back(backend, step, g, a)
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
@@ -540,7 +539,10 @@ class RLRP(Rule):
         if isinstance(step, Affine):
             scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
             weight = step.weight.to(dtype)
-            return RlrpAffine(weight, scale, weight.abs() if neuron else None)
+            abs_weight = None
+            if neuron:  # |s ⊙ W| = |s| ⊙ |W|, one copy either way
+                abs_weight = weight.abs() if scale is None else scale_rows(weight, scale).abs_()
+            return RlrpAffine(weight, scale, abs_weight)
         if isinstance(step, Add):  # sums never take the neuron form (RLRP_SPEC.md)
             # a constant added is a bias: the linear rule over the tensors, under every skip
             linear = self.skip == "linear" or step.constants
