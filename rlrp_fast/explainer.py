@@ -5,7 +5,7 @@ import numbers
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -14,8 +14,8 @@ from .backends import get_backend
 from .capture import capture
 from .engine import RelevancePass, run_forward, run_relevance
 from .guard import ModelGuard, check_eval
-from .numerics import l1_per_sample
-from .plan import Affine, Plan
+from .numerics import l1_per_sample, relevance_dtype
+from .plan import Affine, Plan, Step
 from .rules import Composite, Propagator, Rule, make_rule, resolve
 from .verify import verify_logits
 
@@ -172,7 +172,7 @@ class Explainer:
 
     # -- per-dtype caches (built once per dtype, under a lock) ---------------------------------
     def _prepare(self, dtype: torch.dtype) -> tuple[list[Propagator | None], dict[int, tuple]]:
-        rel_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        rel_dtype = relevance_dtype(dtype)
         with self._lock:
             if rel_dtype not in self._propagators:
                 self._propagators[rel_dtype] = self._rule.propagators(self._plan, rel_dtype)
@@ -268,7 +268,9 @@ class Explainer:
     # -- the call ------------------------------------------------------------------------------
     def explain(self, x: torch.Tensor, target: int | torch.Tensor | None = None,
                 output_relevance: torch.Tensor | None = None,
-                top_k: int | None = None) -> Explanation:
+                top_k: int | None = None,
+                on_step: Callable[[Step, torch.Tensor, list[torch.Tensor]], None] | None = None
+                ) -> Explanation:
         """Predict and explain the batch ``x``.
 
         Args:
@@ -280,6 +282,13 @@ class Explainer:
             output_relevance: instead of ``target``, the relevance at the logits
                 ``(N, classes)`` (e.g. a one-hot), or ``(N, K, classes)`` for K maps.
             top_k: instead of ``target``, explain each sample's K highest logits.
+            on_step: a recording hook, ``on_step(step, relevance_out, relevance_in)``, called
+                once per step whose rule changes relevance (Linear, Conv, pools, lone
+                BatchNorms, sums, gates, norms, attention), in backward order, with the
+                relevance at the step's output and at each of its inputs, materialised
+                (``N·K`` rows); only the pass whose result is returned is reported. For
+                diagnostics (:func:`rlrp_fast.metrics.layer_diagnostics`): it costs a copy of
+                every step's relevance and runs eagerly (``compile=True`` is not used).
 
         With K classes per sample (``(N, K)`` targets, ``(N, K, classes)`` output relevance
         or ``top_k``) the forward runs once and the K relevance passes run as one batched
@@ -298,16 +307,24 @@ class Explainer:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         request = _Request(target, output_relevance, top_k)
         if self._plan is None:
+            if on_step is not None:
+                raise ValueError("on_step needs a relevance rule: gradient_x_input has no "
+                                 "layers to report")
             return self._gradient_x_input(x, request)
         propagators, weights = self._prepare(x.dtype)
+        observed: list[tuple] = []
+        if on_step is not None:
+            propagators = [None if p is None else _Observed(p, observed) for p in propagators]
         args = (self._plan, x, weights, propagators, self._backend, request,
                 self._rule.keeps_mass)
         with torch.inference_mode():
-            logits, targets, r_out, result = self._run(args)
+            logits, targets, r_out, result = (self._run(args) if on_step is None
+                                              else _explain_batch(*args))
             if result.healthy is not None and not bool(result.healthy.all()):
                 _check_target_logits(logits, targets, request)
                 # some value left the range where float32 is exact: redo with every step's
                 # inputs and relevance scaled to a maximum of 1 (R-LRP is invariant to it)
+                observed.clear()
                 logits, targets, r_out, result = _explain_batch(*args, safe=True)
                 if not bool(torch.isfinite(result.relevance).all()):
                     raise FloatingPointError(
@@ -317,6 +334,8 @@ class Explainer:
                 _check_target_logits(logits, targets, request)
         if self._verify:
             self._verify_once(x, logits, weights, propagators)
+        for event in observed:
+            on_step(*event)
         # clones made outside inference mode: ordinary tensors the caller may modify in place
         relevance = result.relevance
         vanished = None
@@ -380,7 +399,7 @@ class Explainer:
                     raise TypeError(
                         f"the model could not run in {x.dtype} with its parameters cast to "
                         f"it ({first}); pass x as {self._param_dtype}") from exc
-            rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            rel_dtype = relevance_dtype(x.dtype)
             r_out, targets = _output_relevance(logits.detach(), request, rel_dtype)
             n, k = targets.shape
             if k == 1:
@@ -392,6 +411,20 @@ class Explainer:
         x_rows = x.to(rel_dtype).repeat_interleave(k, 0) if k > 1 else x.to(rel_dtype)
         return _shaped(Explanation(relevance=x_rows * grad.to(rel_dtype),
                                    logits=logits.detach(), targets=targets), request)
+
+
+class _Observed:
+    """A step's propagator that also keeps ``(step, R_out, [R_in...])`` for ``on_step``."""
+
+    def __init__(self, inner: Propagator, events: list) -> None:
+        self.inner, self.events = inner, events
+        self.needs_output = inner.needs_output
+
+    def __call__(self, backend, step, r, inputs, z):
+        r_out = r.materialize()
+        parts = self.inner(backend, step, r, inputs, z)
+        self.events.append((step, r_out, [p.materialize() for p in parts]))
+        return parts
 
 
 @dataclass(frozen=True)
@@ -429,7 +462,7 @@ def _explain_batch(plan: Plan, x: torch.Tensor, weights: dict, propagators: list
     """The plan's forward and relevance pass on a validated batch (what ``compile`` compiles):
     ``(logits, targets (N, K), R_out (N·K, classes), relevance pass of N·K rows)``."""
     logits, tape = run_forward(plan, x, weights, propagators)
-    rel_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rel_dtype = relevance_dtype(x.dtype)
     r_out, targets = _output_relevance(logits, request, rel_dtype)
     result = run_relevance(plan, tape, r_out, backend, propagators, keep_mass, safe,
                            repeat=targets.shape[1])

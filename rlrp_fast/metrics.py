@@ -507,23 +507,6 @@ class LayerDiagnostic:
         return self.l1_in / self.l1_out
 
 
-class _Recorder:
-    """Wraps a rule's propagator and records the relevance entering and leaving it."""
-
-    def __init__(self, inner, log: list) -> None:
-        self.inner, self.log = inner, log
-        self.needs_output = inner.needs_output
-
-    def __call__(self, backend, step, r, inputs, z):
-        r_z = _flat(r.materialize())
-        parts = self.inner(backend, step, r, inputs, z)
-        r_a = [_flat(p.materialize()) for p in parts]
-        self.log.append(LayerDiagnostic(
-            step.name, type(step).__name__, r_z.abs().sum(1), r_z.sum(1),
-            sum(p.abs().sum(1) for p in r_a), sum(p.sum(1) for p in r_a)))
-        return parts
-
-
 def layer_diagnostics(explainer, x: torch.Tensor, target=None) -> list[LayerDiagnostic]:
     """Run ``explainer`` (a :class:`rlrp_fast.Explainer` with a relevance rule, not
     ``gradient_x_input``) on ``x`` and return the conservation / L1-mass record of every step
@@ -531,23 +514,15 @@ def layer_diagnostics(explainer, x: torch.Tensor, target=None) -> list[LayerDiag
     backward order (output first). The relevance is the explainer's own (same engine, same
     backend); routing steps (activations, max-pool, reshapes) are conservative by construction
     and not listed."""
-    from .engine import run_forward, run_relevance
-    from .explainer import _output_relevance, _Request
-
-    if getattr(explainer, "_plan", None) is None:
-        raise ValueError("layer_diagnostics needs an Explainer with a relevance rule "
-                         "(gradient_x_input has no layers)")
-    explainer._check_input(x)
-    propagators, weights = explainer._prepare(x.dtype)
     log: list[LayerDiagnostic] = []
-    wrapped = [None if p is None else _Recorder(p, log) for p in propagators]
-    target = explainer._check_target(target, x.shape[0])
-    with torch.inference_mode():
-        logits, tape = run_forward(explainer._plan, x, weights, wrapped)
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        r_out, _ = _output_relevance(logits, _Request(target, None, None), dtype)
-        run_relevance(explainer._plan, tape, r_out, explainer._backend, wrapped,
-                      keep_mass=explainer._rule.keeps_mass)
+
+    def record(step, r_out: torch.Tensor, r_in: list[torch.Tensor]) -> None:
+        r_z, r_a = _flat(r_out), [_flat(p) for p in r_in]
+        log.append(LayerDiagnostic(
+            step.name, type(step).__name__, r_z.abs().sum(1), r_z.sum(1),
+            sum(p.abs().sum(1) for p in r_a), sum(p.sum(1) for p in r_a)))
+
+    explainer.explain(x, target, on_step=record)
     return log
 
 

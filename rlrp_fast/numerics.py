@@ -18,6 +18,12 @@ def per_sample(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.view(-1, *([1] * (like.dim() - 1)))
 
 
+def relevance_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype relevance accumulates in for a forward in ``dtype``: float64 for float64,
+    float32 otherwise (float16/bfloat16 relevance would lose conservation to rounding)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A ``(C,)`` scale viewed to broadcast against ``like`` ``(N, C, ...)``."""
     return scale.view(-1, *([1] * (like.dim() - 2)))

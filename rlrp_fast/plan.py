@@ -199,9 +199,12 @@ class Select(Step):
 
 @dataclass(frozen=True, eq=False)
 class Add(Step):
-    """``z = Σ inputs + Σ constants``. ``constants`` are the slots of :class:`Constant` values
-    (a position embedding, broadcast) added in the forward but given no relevance: they act
-    as a bias (RLRP_SPEC.md, "Constants take nothing")."""
+    """``z = Σ inputs + Σ constants``, with torch's broadcasting: an input of a smaller shape
+    (a per-channel ``(N, C, 1, 1)`` term, a spatial mean kept as ``(N, C, 1, 1)``) is read
+    by every output element it broadcasts to, so its relevance is the sum over those
+    (the sum is a linear map with unit weights). ``constants`` are the slots of
+    :class:`Constant` values (a position embedding, broadcast) added in the forward but given
+    no relevance: they act as a bias (RLRP_SPEC.md, "Constants take nothing")."""
 
     constants: tuple[int, ...] = ()
 

@@ -351,13 +351,20 @@ def _scale_op(step: Scale, in_shape: tuple[int, ...]) -> _LinearOp:
 
 
 def _add_op(shapes: list[tuple[int, ...]]) -> _LinearOp:
-    """``y = u + v + …`` as the linear map with unit weights on the concatenated operands."""
-    if any(s != shapes[0] for s in shapes):
-        raise ValueError(f"the reference does not broadcast in adds: operand shapes {shapes}")
-    size = math.prod(shapes[0])
-    matrix = torch.cat([torch.eye(size, dtype=DTYPE)] * len(shapes), dim=1)
-    return _LinearOp(matrix=matrix, bias=torch.zeros(size, dtype=DTYPE), out_shape=shapes[0],
-                     in_shapes=list(shapes))
+    """``y = u + v + …`` (per-sample shapes that broadcast) as the linear map with unit
+    weights on the concatenated operands: output element ``k`` reads, of each operand, the
+    element it broadcasts to ``k``."""
+    out_shape = tuple(torch.broadcast_shapes(*shapes))
+    size = math.prod(out_shape)
+    blocks = []
+    for shape in shapes:
+        aligned = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+        source = torch.arange(math.prod(shape)).view(aligned).expand(out_shape).reshape(-1)
+        block = torch.zeros(size, math.prod(shape), dtype=DTYPE)
+        block[torch.arange(size), source] = 1.0
+        blocks.append(block)
+    return _LinearOp(matrix=torch.cat(blocks, dim=1), bias=torch.zeros(size, dtype=DTYPE),
+                     out_shape=out_shape, in_shapes=list(shapes))
 
 
 # =============================================================================================

@@ -488,3 +488,35 @@ def test_zbox_bounds_in_zennits_shape(seed):
     ref, _ = reference_explain(plan, x, rule="EpsilonGammaBox", target=fast.targets,
                                low=low, high=high)
     assert _relative_errors(fast.relevance, ref).max() <= FP64_TOL
+
+
+class _BroadcastSums(nn.Module):
+    """Sums whose operands broadcast: a map plus its own spatial mean, plus a per-channel
+    term from a dense branch (``(N, C, 1, 1)``), then a row vector (``(N, 1, H, W)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+        self.row = nn.Conv2d(3, 1, 1)
+        self.head = nn.Linear(3 * 5 * 4, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = h + h.mean((2, 3), keepdim=True)
+        h = h + self.fc(h.mean((2, 3)))[:, :, None, None]
+        h = torch.relu(h) + self.row(h)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("rule,options", RULE_CASES, ids=RULE_IDS)
+def test_broadcasting_sums_match_reference(rule, options):
+    """Each operand of a broadcasting sum gets the relevance summed over the dims it was
+    broadcast along, on the fast path as in the reference."""
+    torch.manual_seed(3)
+    model = _BroadcastSums().double().eval()
+    x = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    fast = Explainer(model, rule=rule, backend="torch", **options).explain(x)
+    ref, _ = reference_explain(capture(model), x, rule=rule, target=fast.targets, **options)
+    assert ref.abs().sum() > 0
+    assert _relative_errors(fast.relevance, ref).max() < FP64_TOL

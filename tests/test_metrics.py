@@ -342,3 +342,21 @@ def test_faithfulness_table_and_cli_on_tiny_inputs(capsys):
     assert "| R-LRP (default: norm=layer, skip=linear) |" in out.out and "random map" in out.out
     assert main(["evaluate", "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_on_step_reports_each_ruled_step_of_the_returned_pass_only():
+    """The public recording hook: one event per relevance-changing step, backward order,
+    the first layer's input relevance is the map; a safe rerun reports its own pass only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    ex = rlrp_fast.Explainer(model, rule="rlrp")
+    for scale in (1.0, 1e30):  # 1e30: the range check fails and the safe rerun runs
+        events = []
+        x = torch.randn(3, 4) * scale
+        out = ex.explain(x, on_step=lambda step, r_out, r_in: events.append((step, r_out, r_in)))
+        assert [type(e[0]).__name__ for e in events] == ["Affine", "Affine"]
+        torch.testing.assert_close(events[-1][2][0], out.relevance, rtol=1e-5, atol=0)
+        assert events[0][1].shape == (3, 2)
+    with pytest.raises(ValueError, match="gradient_x_input"):
+        rlrp_fast.Explainer(model, rule="gradient_x_input").explain(
+            torch.randn(1, 4), on_step=lambda *a: None)
