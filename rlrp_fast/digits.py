@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -188,16 +188,33 @@ def fit(make_model, split, epochs: int, seed: int, batch_size: int, lr: float
     return model, accuracy
 
 
-def load_pretrained(path: str | Path | None = None) -> DigitsCNN:
-    """The shipped :class:`DigitsCNN` (CPU, eval mode), or one loaded from a state_dict at ``path``."""
-    path = WEIGHTS_PATH if path is None else Path(path)
+def load_weights(model: nn.Module, path: str | Path, regenerate: str) -> nn.Module:
+    """``model`` with the state_dict at ``path`` (CPU, eval mode); the error for a missing
+    file names the command that writes it (``regenerate``)."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"digits weights not found at {path}; regenerate them with `python -m rlrp_fast.digits`"
-        )
-    model = DigitsCNN()
+        raise FileNotFoundError(f"weights not found at {path}; regenerate them with "
+                                f"`{regenerate}`")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def train_and_save(train_once: Callable[[], tuple[nn.Module, float]], out: Path,
+                   label: str) -> None:
+    """Train (``train_once() -> (model, test accuracy)``), write the state_dict to ``out`` and
+    report on the terminal (the scripts' job)."""
+    t0 = time.perf_counter()
+    model, accuracy = train_once()
+    seconds = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    print(f"{label}test accuracy {accuracy:.4f}  trained in {seconds:.1f} s  -> {out.resolve()}")
+
+
+def load_pretrained(path: str | Path | None = None) -> DigitsCNN:
+    """The shipped :class:`DigitsCNN` (CPU, eval mode), or one loaded from a state_dict at ``path``."""
+    return load_weights(DigitsCNN(), WEIGHTS_PATH if path is None else path,
+                        "python -m rlrp_fast.digits")
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -212,13 +229,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
 
-    t0 = time.perf_counter()
-    model, accuracy = train(epochs=args.epochs, seed=args.seed)
-    seconds = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out)
-    # This module's entry point is a script, so reporting to the terminal is its job.
-    print(f"test accuracy {accuracy:.4f}  trained in {seconds:.1f} s  -> {args.out.resolve()}")
+    train_and_save(lambda: train(epochs=args.epochs, seed=args.seed), args.out, "")
     return 0
 
 

@@ -20,14 +20,13 @@ reproducible on one machine).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .digits import NUM_CLASSES, fit, load_digits_split
+from .digits import NUM_CLASSES, fit, load_digits_split, load_weights, train_and_save
 
 __all__ = [
     "ARCHS",
@@ -191,13 +190,9 @@ def train(arch: str, seed: int = 0, epochs: int | None = None, lr: float | None 
 
 def load_pretrained(arch: str, path: str | Path | None = None) -> nn.Module:
     """The shipped ``arch`` (CPU, eval mode), or one loaded from a state_dict at ``path``."""
-    path = weights_path(arch) if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights for {arch!r} not found at {path}; regenerate them "
-                                f"with `python -m rlrp_fast.zoo --arch {arch}`")
-    model = ARCHS[arch]()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
+    _check_arch(arch)
+    return load_weights(ARCHS[arch](), weights_path(arch) if path is None else path,
+                        f"python -m rlrp_fast.zoo --arch {arch}")
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -213,14 +208,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be >= 1")
     for arch in args.arch:
-        t0 = time.perf_counter()
-        model, accuracy = train(arch, seed=args.seed, epochs=args.epochs)
-        seconds = time.perf_counter() - t0
-        out = args.out_dir / f"zoo_{arch}.pt"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), out)
-        # a script's entry point: reporting to the terminal is its job
-        print(f"{arch}: test accuracy {accuracy:.4f}  trained in {seconds:.1f} s  -> {out}")
+        train_and_save(lambda: train(arch, seed=args.seed, epochs=args.epochs),
+                       args.out_dir / f"zoo_{arch}.pt", f"{arch}: ")
     return 0
 
 
