@@ -402,16 +402,9 @@ class _Builder:
             self.on_layer_norm(node, module)
         elif _functional_activation(module) is not None:
             self.emit(node, Activation, (src,), fn=_functional_activation(module))
-        elif kind in _MAXPOOLS:
-            self.emit(node, MaxPool, (src,), fn=_maxpool_fn(module, _MAXPOOLS[kind]))
-        elif kind in _AVGPOOLS:
-            self.emit(node, Pool, (src,), kind="avg", dims=_AVGPOOLS[kind], params=dict(
-                kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-                ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
-                divisor_override=getattr(module, "divisor_override", None)))
-        elif kind in _ADAPTIVE_AVGPOOLS:
-            self.emit(node, Pool, (src,), kind="adaptive_avg", dims=_ADAPTIVE_AVGPOOLS[kind],
-                      params=dict(output_size=module.output_size))
+        elif kind in _MAXPOOLS or kind in _AVGPOOLS or kind in _ADAPTIVE_AVGPOOLS:
+            step, fields = _pool_step(module)
+            self.emit(node, step, (src,), **fields)
         elif kind is nn.Flatten:
             self.emit(node, Reshape, (src,), fn=torch.flatten,
                       args=(module.start_dim, module.end_dim))
@@ -656,17 +649,8 @@ class _Builder:
         if any(isinstance(v, fx.Node) for v in params.values()):
             raise _unsupported(node, self.describe(node), "pooling sizes computed at run time")
         module = cls(**params)
-        src = self.tensor_slot(node, node.args[0])
-        if cls in _MAXPOOLS:
-            self.emit(node, MaxPool, (src,), fn=_maxpool_fn(module, _MAXPOOLS[cls]))
-        elif cls in _AVGPOOLS:
-            self.emit(node, Pool, (src,), kind="avg", dims=_AVGPOOLS[cls], params=dict(
-                kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-                ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
-                divisor_override=getattr(module, "divisor_override", None)))
-        else:
-            self.emit(node, Pool, (src,), kind="adaptive_avg", dims=_ADAPTIVE_AVGPOOLS[cls],
-                      params=dict(output_size=module.output_size))
+        step, fields = _pool_step(module)
+        self.emit(node, step, (self.tensor_slot(node, node.args[0]),), **fields)
 
     def on_reshape(self, node: fx.Node, fn: Callable) -> None:
         src, const = self.operand(node, node.args[0])
@@ -792,6 +776,21 @@ def _stochastic_depth_off(node: fx.Node) -> bool:
     """torchvision's ``stochastic_depth(input, p, mode, training)`` with training False."""
     training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
     return training is False
+
+
+def _pool_step(module: nn.Module) -> tuple[type, dict]:
+    """``(step type, fields)`` of a pooling module, or of the module a pooling function stands
+    for: max pools route relevance, average pools are linear maps."""
+    kind = type(module)
+    if kind in _MAXPOOLS:
+        return MaxPool, dict(fn=_maxpool_fn(module, _MAXPOOLS[kind]))
+    if kind in _AVGPOOLS:
+        return Pool, dict(kind="avg", dims=_AVGPOOLS[kind], params=dict(
+            kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+            ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
+            divisor_override=getattr(module, "divisor_override", None)))
+    return Pool, dict(kind="adaptive_avg", dims=_ADAPTIVE_AVGPOOLS[kind],
+                      params=dict(output_size=module.output_size))
 
 
 def _maxpool_fn(module: nn.Module, dims: int) -> Callable:
