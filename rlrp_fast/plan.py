@@ -156,7 +156,7 @@ class Gate(Step):
     """``z = signal ⊙ gate`` (broadcasting either way), ``gate`` the slot of a Sigmoid or
     Hardsigmoid output (through reshapes) or of a :class:`Constant` (a layer scale): a product
     whose relevance goes to the signal (``inputs``) only; the gate is read, never given
-    relevance (RLRP_SPEC.md, "Gates: the signal takes all", "Scaling by a constant")."""
+    relevance (docs/RLRP_SPEC.md, "Gates: the signal takes all")."""
 
     gate: int
 
@@ -173,7 +173,7 @@ class Constant(Step):
 class LayerNorm(Step):
     """``z = γ ⊙ (x − μ) / σ + β`` over the last ``len(normalized_shape)`` dims, ``σ`` the
     biased standard deviation with ``eps``. For relevance ``σ`` is held constant, so it is the
-    linear map ``J = diag(γ/σ)(I − 11ᵀ/n)`` of each normalised group (RLRP_SPEC.md)."""
+    linear map ``J = diag(γ/σ)(I − 11ᵀ/n)`` of each normalised group (docs/RLRP_SPEC.md)."""
 
     normalized_shape: tuple[int, ...]
     weight: torch.Tensor | None
@@ -204,7 +204,7 @@ class Add(Step):
     by every output element it broadcasts to, so its relevance is the sum over those
     (the sum is a linear map with unit weights). ``constants`` are the slots of
     :class:`Constant` values (a position embedding, broadcast) added in the forward but given
-    no relevance: they act as a bias (RLRP_SPEC.md, "Constants take nothing")."""
+    no relevance: they act as a bias (docs/RLRP_SPEC.md, "Constants take nothing")."""
 
     constants: tuple[int, ...] = ()
 
@@ -225,7 +225,7 @@ class Attention(Step):
     ``q/k/v`` projections, split into ``num_heads`` heads, attention, heads merged, output
     projection) or ``F.scaled_dot_product_attention`` (no projections: ``v_weight`` is None,
     heads already a dimension). ``inputs`` is the value input only; ``query`` and ``key`` are
-    read, never given relevance (RLRP_SPEC.md, "Gates: the signal takes all": ``P`` is held
+    read, never given relevance (docs/RLRP_SPEC.md, "Gates: the signal takes all": ``P`` is held
     constant). ``scale`` None is ``1/√d``. Weights are the module's own tensors (views)."""
 
     query: int

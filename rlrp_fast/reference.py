@@ -1,4 +1,4 @@
-"""The float64 reference: ``RLRP_SPEC.md`` written out term by term, for tests.
+"""The float64 reference: ``docs/RLRP_SPEC.md`` written out term by term, for tests.
 
 This is not a backend. It exists so that a reader can hold it next to the spec, line by line,
 and so that the fast paths have something independent to be compared with. It shares nothing

@@ -10,7 +10,7 @@ Routing steps (activations, max-pool, reshapes, cat) route relevance the same wa
 every rule and live in ``engine.py``. The presets (``Explainer(rule="EpsilonPlus")``, ...)
 are defined once, in :func:`make_rule`.
 
-``RLRP`` is the formulation of ``RLRP_SPEC.md``. The classic rules and composites mean what
+``RLRP`` is the formulation of ``docs/RLRP_SPEC.md``. The classic rules and composites mean what
 zennit 0.5.1 means by them: its stabiliser ``z + ε·(sign(z) + (z == 0))``, ``Pass`` on
 activations and its ``Norm`` rule on average pools and residual sums. A BatchNorm with nothing
 to fold into is a fixed diagonal linear map and gets ``Norm`` too (zennit has no rule for it).
@@ -273,7 +273,7 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RlrpAttention:
-    """Attention as three successive linear steps (RLRP_SPEC.md), each renormalised with one
+    """Attention as three successive linear steps (docs/RLRP_SPEC.md), each renormalised with one
     scalar per sample over the whole tensor: the output projection ``R̃_o = o ⊙ (W_oᵀ R)``,
     the value mixing with ``P`` held constant ``R̃_V = V ⊙ (Pᵀ R_o)`` (``V`` with its bias),
     the value projection ``R̃_x = x ⊙ (W_vᵀ R_V)``. ``norm="neuron"`` divides each by its own
@@ -512,7 +512,7 @@ def _stab_param(stabilizer) -> float:
 
 
 class RLRP(Rule):
-    """R-LRP (``RLRP_SPEC.md``): ``R̃_a = a ⊙ (Wᵀ R_z)`` renormalised to ``‖R_z‖₁`` per
+    """R-LRP (``docs/RLRP_SPEC.md``): ``R̃_a = a ⊙ (Wᵀ R_z)`` renormalised to ``‖R_z‖₁`` per
     sample on Linear/Conv, average pools, means and lone BatchNorms; at residual sums
     ``skip="linear"`` (the sum as a unit-weight linear map, one joint scale) or ``"ratio"``
     (the paper's ``R_u = (u / y) R_y``). ``norm="layer"`` divides by nothing;
@@ -543,7 +543,7 @@ class RLRP(Rule):
             if neuron:  # |s ⊙ W| = |s| ⊙ |W|, one copy either way
                 abs_weight = weight.abs() if scale is None else scale_rows(weight, scale).abs_()
             return RlrpAffine(weight, scale, abs_weight)
-        if isinstance(step, Add):  # sums never take the neuron form (RLRP_SPEC.md)
+        if isinstance(step, Add):  # sums never take the neuron form (docs/RLRP_SPEC.md)
             # a constant added is a bias: the linear rule over the tensors, under every skip
             linear = self.skip == "linear" or step.constants
             return RlrpAddLinear() if linear else RlrpAddRatio()

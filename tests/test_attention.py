@@ -1,4 +1,4 @@
-"""Attention (RLRP_SPEC.md, "Gates: the signal takes all"; "Constants take nothing"):
+"""Attention (docs/RLRP_SPEC.md, "Gates: the signal takes all"; "Constants take nothing"):
 nn.MultiheadAttention and F.scaled_dot_product_attention as one step each, relevance to the
 tokens through the values only; class tokens, position embeddings and shape checks; the fast
 path against the float64 reference; torchvision's ViT."""

@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 from rlrp_fast import digits, viz  # noqa: E402
 from rlrp_fast.cli import main  # noqa: E402
 
-# Ops the R-LRP plan is promised to support for this model (brief + RLRP_SPEC).
+# Ops the R-LRP plan is promised to support for this model (brief + docs/RLRP_SPEC.md).
 _ALLOWED_MODULES = (
     torch.nn.Conv2d,
     torch.nn.BatchNorm2d,

@@ -1,4 +1,4 @@
-"""Products with a gate (squeeze-excitation, RLRP_SPEC.md "Gates: the signal takes all"):
+"""Products with a gate (squeeze-excitation, docs/RLRP_SPEC.md "Gates: the signal takes all"):
 the fast path against the float64 reference, the gate getting nothing, x * sigmoid(x) as
 SiLU, StochasticDepth as identity, and the torchvision families they unlock."""
 import pytest

@@ -1,4 +1,4 @@
-"""Properties of the fast path that RLRP_SPEC.md asks for, each checked against something
+"""Properties of the fast path that docs/RLRP_SPEC.md asks for, each checked against something
 independent: autograd, a hand-built model, the model's own forward, or the same call in
 another form."""
 import threading

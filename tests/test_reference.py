@@ -1,4 +1,4 @@
-"""The float64 reference (``rlrp_fast.reference``) held to the spec and to independent truths.
+"""The float64 reference (``rlrp_fast.reference``) held to docs/RLRP_SPEC.md and to independent truths.
 
 - Its explicit matrices are the Jacobians of PyTorch's own convolutions, pools and means.
 - Its forward equals the model's own float64 forward (this also checks BatchNorm folding).
@@ -6,7 +6,7 @@
   linear op and routing op (signed sums where routing may add up several values).
 - Positive homogeneity and batch independence, for every rule.
 - On chains, raw R-LRP is gradient × input with each linear op's input multiplying the
-  gradient (RLRP_SPEC.md, "Two facts"): computed with autograd, independently.
+  gradient (docs/RLRP_SPEC.md, "What is tested"): computed with autograd, independently.
 - The classic rules and composites equal zennit 0.5.1's on small chains.
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def test_reference_forward_equals_the_models_forward(seed):
 
 
 # =============================================================================================
-# Per-op properties (spec, "What the tests must check")
+# Per-op properties (docs/RLRP_SPEC.md, "What is tested")
 # =============================================================================================
 @pytest.mark.parametrize("skip", ["linear", "ratio"])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -325,7 +325,7 @@ class _TimesInput(torch.autograd.Function):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_chain_rlrp_is_modified_gradient_times_input(seed):
-    """RLRP_SPEC.md: on a chain of linear ops, ReLUs and max-pools, raw R-LRP is gradient ×
+    """docs/RLRP_SPEC.md ("What is tested"): on a chain of linear ops, ReLUs and max-pools, raw R-LRP is gradient ×
     input with every linear op's input multiplying the gradient; renormalisation only
     multiplies each layer by a positive number, so the maps agree up to one scale per sample."""
     torch.manual_seed(seed)

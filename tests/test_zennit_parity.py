@@ -1,7 +1,7 @@
 """Parity with zennit 0.5.1 on torchvision VGG16 and ResNet50: the test of the engine's graph
 handling (forks, residual adds, max-pool routing, adaptive pooling, flatten, first layer).
 
-Like is compared with like (RLRP_SPEC.md): BatchNorm pre-folded, biases inside the convs and
+Like is compared with like (docs/RLRP_SPEC.md, "Parity set-up"): BatchNorm pre-folded, biases inside the convs and
 random, zennit's ResNet canonizer for the residual sums."""
 import pytest
 import torch

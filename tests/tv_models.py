@@ -1,6 +1,6 @@
 """torchvision models prepared for comparisons: random biases and BatchNorm statistics
 (torchvision initialises biases to zero, which makes LRP-ε equal gradient × input and hides
-bugs), and BatchNorm folded into the convolutions the way RLRP_SPEC.md asks parity tests to."""
+bugs), and BatchNorm folded into the convolutions the way docs/RLRP_SPEC.md ("Parity set-up") asks parity tests to."""
 from __future__ import annotations
 
 import copy
