@@ -156,5 +156,5 @@ def test_runtime_requirements_do_not_pin_torch():
     assert not any(d.startswith(("matplotlib", "triton", "zennit", "captum")) for d in deps), deps
     extras = project["optional-dependencies"]
     assert "matplotlib" in extras["viz"] and "triton" in extras["gpu"]
-    assert {"zennit==0.5.1", "captum==0.9.0", "pytest-benchmark"} <= set(extras["bench"])
+    assert {"zennit==0.5.1", "captum==0.9.0"} <= set(extras["bench"])
     assert rlrp_fast.__version__ == project["version"]
