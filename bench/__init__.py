@@ -1,3 +1,4 @@
 """Benchmarks: ``python -m bench`` prints the comparison table (see ``bench/RESULTS.md``);
-``pytest bench/ --benchmark-only`` times the backends' ops. Benchmarks are not tests: the
+``python -m bench.<primitive>`` times one primitive of the backends (``affine_relevance``,
+``affine_relevance_l1``) on real layers' shapes. Benchmarks are not tests: the
 normal test run (``python -m pytest``, ``testpaths = ["tests"]``) does not collect them."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared command for a lent H100/H200 (Python 3.12, torch 2.11, Triton 3.6 preinstalled,
 # no network): CUDA correctness of the fused Triton path, then the benchmark table.
-# Budget: under 8 minutes. Usage, from the repository root:  bash bench/gpu_check.sh
+# Budget: under 10 minutes. Usage, from the repository root:  bash bench/gpu_check.sh
 # Optional peers: put wheels in bench/wheels/ first (pip download zennit==0.5.1 --no-deps -d
 # bench/wheels) and carry that folder along; they are installed offline.
 set -uo pipefail
@@ -27,9 +27,22 @@ if ls bench/wheels/*.whl >/dev/null 2>&1; then
 fi
 
 echo "== correctness on CUDA ($((SECONDS - start)) s)"
-RLRP_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest -q -x -p no:cacheprovider \
+# the per-primitive tests' Triton cases (-k triton: their torch and cpp cases are CPU-only and
+# run everywhere); RLRP_FAST_NO_JIT: no first-use build of the C++ extension here (excluded).
+RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 100 $PY -m pytest -q -x -p no:cacheprovider \
+  -k triton tests/test_affine_relevance.py tests/test_affine_relevance_l1.py 2>&1 | tail -12
+echo "per-primitive correctness exit: ${PIPESTATUS[0]}"
+RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 130 $PY -m pytest -q -x -p no:cacheprovider \
   tests/test_triton_kernels.py tests/test_cuda_explainer.py 2>&1 | tail -20
 echo "correctness exit: ${PIPESTATUS[0]}"
+
+# Per-primitive timings, torch vs triton side by side on real layers (autotuning off: the first
+# config of each kernel, one compile each; the model tables below are autotuned). Each layer's
+# line is printed as it is done, so a timeout keeps the finished ones.
+for primitive in affine_relevance affine_relevance_l1; do
+  echo "== $primitive, batch 32 ($((SECONDS - start)) s)"
+  RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.$primitive --device cuda --batch 32 2>&1 | tail -14
+done
 
 methods="forward gxi rlrp-torch rlrp-triton neuron-triton"
 $PY -c "import zennit" 2>/dev/null && methods="$methods zennit-EpsilonPlus"

@@ -1,4 +1,6 @@
-"""Triton kernels of the ``triton`` backend, shipped as ``rlrp_fast.kernels``.
+"""Triton kernels of the ``triton`` backend, shipped as ``rlrp_fast.kernels``: the entry points
+of the two primitives in :mod:`.affine_relevance`, over the dense and convolution kernels
+(:mod:`.affine_relevance_dense`, :mod:`.affine_relevance_conv`).
 
 Importing this package must not fail without Triton or CUDA: kernel modules import
 ``triton`` themselves and are only imported by ``rlrp_fast.backends.triton_backend``.

@@ -79,6 +79,14 @@ class Affine(Step):
     def is_conv(self) -> bool:
         return self.conv_dims > 0
 
+    @property
+    def geometry(self) -> dict:
+        """The layer's geometry as the fused primitives take it (keyword arguments of
+        ``rlrp_fast.ops`` and ``rlrp_fast.kernels.affine_relevance``)."""
+        return {"stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups,
+                "conv_dims": self.conv_dims}
+
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """``s·W`` in ``dtype`` (a new tensor) with a folded BatchNorm, else ``W`` in ``dtype``."""
         weight = self.weight.to(dtype)

@@ -116,7 +116,7 @@ class RlrpAffine:
             else:
                 g = g * per_channel(s, g)
         # ``a`` stays in the forward's dtype: backends upcast it on load (no fp32 copy)
-        r_tilde, l1 = backend.affine_contract_l1(step, weight, g, a, r.unit_scale())
+        r_tilde, l1 = backend.affine_relevance_l1(step, weight, g, a, r.unit_scale())
         return _settle([Rel(r_tilde, r.mass, l1)], plain)
 
 
@@ -374,8 +374,8 @@ class EpsilonTerms:
 
     def __call__(self, backend, step, r, inputs, z):
         a = inputs[0]
-        return [Rel(backend.affine_contract(step, self.weight, r.value, a.shape, a, z=z,
-                                            eps=self.epsilon))]
+        return [Rel(backend.affine_relevance(step, self.weight, r.value, a.shape, a, z=z,
+                                             eps=self.epsilon))]
 
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -415,11 +415,11 @@ class TwoSignTerms:
                 zk = zk + backend.affine_forward(step, w_for_neg, None, a_neg)
             g = t * ((z.to(t.dtype) * mask_sign) > 0) if mask_sign else t
             # the backend divides by stab(z_k) inside the contraction (no g/z tensor)
-            term = backend.affine_contract(step, w_for_pos, g, a.shape, a_pos, z=zk,
-                                           eps=self.stabilizer)
+            term = backend.affine_relevance(step, w_for_pos, g, a.shape, a_pos, z=zk,
+                                            eps=self.stabilizer)
             if has_neg:
-                term = term + backend.affine_contract(step, w_for_neg, g, a.shape, a_neg,
-                                                      z=zk, eps=self.stabilizer)
+                term = term + backend.affine_relevance(step, w_for_neg, g, a.shape, a_neg,
+                                                       z=zk, eps=self.stabilizer)
             term = term.mul_(coef) if coef != 1 else term
             out = term if out is None else out.add_(term)
         return [Rel(out)]
@@ -445,9 +445,9 @@ class ZBoxTerms:
         zb = (z.to(t.dtype) - backend.affine_forward(step, w_pos, _pos(self.bias), low)
               - backend.affine_forward(step, w_neg, _neg(self.bias), high))
         g = t / stabilize(zb, self.stabilizer)
-        return [Rel(backend.affine_contract(step, self.weight, g, a.shape, a)
-                    - backend.affine_contract(step, w_pos, g, a.shape, low)
-                    - backend.affine_contract(step, w_neg, g, a.shape, high))]
+        return [Rel(backend.affine_relevance(step, self.weight, g, a.shape, a)
+                    - backend.affine_relevance(step, w_pos, g, a.shape, low)
+                    - backend.affine_relevance(step, w_neg, g, a.shape, high))]
 
 
 @dataclass(frozen=True)
@@ -464,8 +464,8 @@ class InputFree:
         shape = inputs[0].shape
         ones = torch.ones((), dtype=t.dtype, device=t.device).expand(shape)
         z_ones = backend.affine_forward(step, self.weight, self.bias, ones)
-        return [Rel(backend.affine_contract(step, self.weight, t, shape, z=z_ones,
-                                            eps=self.stabilizer))]
+        return [Rel(backend.affine_relevance(step, self.weight, t, shape, z=z_ones,
+                                             eps=self.stabilizer))]
 
 
 @dataclass(frozen=True)

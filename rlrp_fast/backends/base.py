@@ -5,6 +5,11 @@ backend that implements them faster (fused kernels) plugs in without touching th
 the rules. Relevance tensors (``g``) are float32 (float64 for float64 inputs); activations
 (``a``) may be in a lower precision and are upcast on use. Per-sample scales are ``(N,)``
 tensors of the relevance dtype.
+
+Each primitive has one name everywhere: the backend method, the C++ op
+``torch.ops.rlrp_fast.<name>`` (typed wrapper in ``rlrp_fast.ops``), the Triton entry point
+``rlrp_fast.kernels.affine_relevance.<name>``, its test ``tests/test_<name>.py`` and its
+benchmark ``bench/<name>.py``.
 """
 from __future__ import annotations
 
@@ -26,18 +31,18 @@ class Backend(ABC):
         """``W x + b`` with the step's geometry (rules need it for modified weights)."""
 
     @abstractmethod
-    def affine_contract(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
-                        input_shape: torch.Size, a: torch.Tensor | None = None,
-                        z: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    def affine_relevance(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
+                         input_shape: torch.Size, a: torch.Tensor | None = None,
+                         z: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
         """``a ⊙ Wᵀ(g / stab(z))``: the classic rules' contraction.
 
         ``a`` None means no input factor (flat, w²); ``z`` None means no division. ``stab``
         is zennit's ``z + eps·(sign(z) + (z == 0))``. Shape ``input_shape``."""
 
     @abstractmethod
-    def affine_contract_l1(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
-                           a: torch.Tensor, g_scale: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def affine_relevance_l1(self, step: Affine, weight: torch.Tensor, g: torch.Tensor,
+                            a: torch.Tensor, g_scale: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """The R-LRP hot path: ``(R̃, ‖R̃‖₁ per sample)`` with
         ``R̃ = g_scale ⊙ a ⊙ (Wᵀ g)`` (``g_scale`` per sample, 1 when None)."""
 

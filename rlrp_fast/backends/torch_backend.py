@@ -65,13 +65,13 @@ class TorchBackend(Backend):
                                        _output_padding(step, input_shape, g), step.groups,
                                        step.dilation)
 
-    def affine_contract(self, step, weight, g, input_shape, a=None, z=None, eps=0.0):
+    def affine_relevance(self, step, weight, g, input_shape, a=None, z=None, eps=0.0):
         if z is not None:
             g = g / stabilize(z.to(g.dtype), eps)
         back = self._transpose(step, weight, g, input_shape)
         return back if a is None else back.mul_(a)
 
-    def affine_contract_l1(self, step, weight, g, a, g_scale=None):
+    def affine_relevance_l1(self, step, weight, g, a, g_scale=None):
         r = self._transpose(step, weight, g, a.shape).mul_(a)
         if g_scale is not None:
             r.mul_(per_sample(g_scale, r))

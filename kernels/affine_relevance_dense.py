@@ -1,4 +1,5 @@
-"""Relevance through a dense layer ``z = W a + b`` in one Triton launch.
+"""The dense (Linear) kernel of both affine relevance primitives (entry points in
+:mod:`.affine_relevance`): relevance through ``z = W a + b`` in one Triton launch.
 
 For ``weight`` ``[OUT, IN]``, relevance ``g`` ``[M, OUT]`` and input ``a`` ``[M, IN]`` (``M``
 rows: ``N`` samples of ``L`` rows each, e.g. tokens):
@@ -22,7 +23,7 @@ from ._common import DOT_PRECISION, add_l1, autotune_or_fixed, divide_by_stabili
 # Sizes that change per batch are not specialised on (== 1, divisible by 16): one compiled
 # kernel serves every batch size.
 @triton.jit(do_not_specialize=["M", "ROWS_PER_SAMPLE"])
-def _linear_relevance_kernel(
+def _affine_relevance_dense_kernel(
     g_ptr, z_ptr, w_ptr, a_ptr, scale_ptr, out_ptr, l1_ptr,
     M, IN, OUT, ROWS_PER_SAMPLE,
     stride_gm, stride_gj, stride_zm, stride_zj, stride_wj, stride_wi,
@@ -84,17 +85,17 @@ def _configs():
 
 
 _INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}
-_launch, _launch_meta = autotune_or_fixed(
-    _linear_relevance_kernel, _configs(),
+_launcher, _launcher_meta = autotune_or_fixed(
+    _affine_relevance_dense_kernel, _configs(),
     key=["M", "IN", "OUT", "HAS_Z", "HAS_EPS", "HAS_A", "HAS_SCALE", "COMPUTE_L1"],
     interpret_meta=_INTERPRET_META, reset_to_zero=["l1_ptr"])
 
 
-def linear_relevance(g: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | None = None,
-                     *, z: torch.Tensor | None = None, eps: float = 0.0,
-                     scale: torch.Tensor | None = None, compute_l1: bool = True,
-                     in_features: int | None = None, out: torch.Tensor | None = None,
-                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def launch(g: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | None = None,
+           *, z: torch.Tensor | None = None, eps: float = 0.0,
+           scale: torch.Tensor | None = None, compute_l1: bool = True,
+           in_features: int | None = None, out: torch.Tensor | None = None,
+           config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(R̃, ‖R̃‖₁ per sample or None)`` for a dense layer, in one launch.
 
     Args:
@@ -131,11 +132,11 @@ def linear_relevance(g: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | No
     dummy = g2  # never read: its flag is off
     # not ``dummy``: the autotuner zeroes l1_ptr before each trial run
     l1_arg = l1 if l1 is not None else torch.zeros(1, dtype=torch.float32, device=g.device)
-    launch, meta = (_launch, _launch_meta) if config is None else (
-        _linear_relevance_kernel, dict(_INTERPRET_META, **config))
+    launcher, meta = (_launcher, _launcher_meta) if config is None else (
+        _affine_relevance_dense_kernel, dict(_INTERPRET_META, **config))
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"])  # noqa: E731
                          * triton.cdiv(in_features, META["BLOCK_N"]),)
-    launch[grid](
+    launcher[grid](
         g2, z2 if z2 is not None else dummy, weight, a2 if a2 is not None else dummy,
         scale if scale is not None else dummy, out2, l1_arg,
         m, in_features, out_features, m // n,

@@ -1,5 +1,7 @@
-"""Relevance through a Conv1d/Conv2d in one Triton launch: an implicit-GEMM transposed
-convolution (the convolution's input gradient) with the relevance prologue and epilogue.
+"""The convolution kernel of both affine relevance primitives (entry points in
+:mod:`.affine_relevance`): relevance through a Conv1d/Conv2d in one Triton launch, an
+implicit-GEMM transposed convolution (the convolution's input gradient) with the relevance
+prologue and epilogue.
 
 For ``z = conv(a, W) + b`` with ``W`` ``[C_out, C_in/G, KH, KW]``, relevance ``g`` at the
 output ``[N, C_out, OH, OW]`` and the input ``a`` ``[N, C_in, H, W]``:
@@ -46,7 +48,7 @@ def _first_tap(r, S, D, GCD, INV, K):
 @triton.jit(do_not_specialize=[
     "GROUPS", "CIN_G", "COUT_G", "H", "W", "OH", "OW", "KH", "KW", "QH", "QW", "MQ",
     "SH", "SW", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "GCD_H", "INV_H", "GCD_W", "INV_W"])
-def _conv_relevance_kernel(
+def _affine_relevance_conv_kernel(
     g_ptr, z_ptr, w_ptr, a_ptr, scale_ptr, out_ptr, l1_ptr,
     GROUPS, CIN_G, COUT_G, H, W, OH, OW, KH, KW, QH, QW, MQ,
     SH, SW, PAD_H, PAD_W, DIL_H, DIL_W, GCD_H, INV_H, GCD_W, INV_W,
@@ -148,8 +150,8 @@ def _configs():
 
 
 _INTERPRET_META = {"BLOCK_P": 128, "BLOCK_C": 64, "BLOCK_K": 64, "GROUP_M": 8}
-_launch, _launch_meta = autotune_or_fixed(
-    _conv_relevance_kernel, _configs(),
+_launcher, _launcher_meta = autotune_or_fixed(
+    _affine_relevance_conv_kernel, _configs(),
     key=["MQ", "CIN_G", "COUT_G", "KH", "KW", "SH", "SW", "HAS_Z", "HAS_EPS", "HAS_A",
          "HAS_SCALE", "COMPUTE_L1"],
     interpret_meta=_INTERPRET_META, reset_to_zero=["l1_ptr"])
@@ -167,12 +169,12 @@ def _as_2d(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.unsqueeze(2)
 
 
-def conv_relevance(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size,
-                   stride, padding, dilation, groups: int, a: torch.Tensor | None = None,
-                   *, z: torch.Tensor | None = None, eps: float = 0.0,
-                   scale: torch.Tensor | None = None, compute_l1: bool = True,
-                   out: torch.Tensor | None = None, config: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def launch(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size,
+           stride, padding, dilation, groups: int, a: torch.Tensor | None = None,
+           *, z: torch.Tensor | None = None, eps: float = 0.0,
+           scale: torch.Tensor | None = None, compute_l1: bool = True,
+           out: torch.Tensor | None = None, config: dict | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(R̃, ‖R̃‖₁ per sample or None)`` for a Conv1d/Conv2d, in one launch.
 
     Args:
@@ -182,13 +184,14 @@ def conv_relevance(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Siz
             several input sizes to one output size).
         stride, padding, dilation: per spatial dim (sequences of 1 or 2 ints).
         a: the layer's input (float32/bfloat16/float16, any strides) or None (no factor).
-        z, eps, scale, compute_l1, out, config: as in :func:`linear_relevance`.
+        z, eps, scale, compute_l1, out, config: as in :func:`.affine_relevance_dense.launch`.
 
     Returns ``R̃`` float32 ``input_shape`` (channels-last when ``a`` is) and the L1 norms.
     """
     dims = weight.dim() - 2
     if dims not in (1, 2):
-        raise NotImplementedError(f"conv_relevance handles Conv1d/Conv2d, not {dims}-d")
+        raise NotImplementedError(f"the Triton convolution kernel handles Conv1d/Conv2d, "
+                                  f"not Conv{dims}d")
     n = input_shape[0]
     if out is None:
         fmt = (torch.channels_last if a is not None and dims == 2 and not a.is_contiguous()
@@ -222,11 +225,11 @@ def conv_relevance(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Siz
     dummy = g  # never read: its flag is off
     # not ``dummy``: the autotuner zeroes l1_ptr before each trial run
     l1_arg = l1 if l1 is not None else torch.zeros(1, dtype=torch.float32, device=g.device)
-    launch, meta = (_launch, _launch_meta) if config is None else (
-        _conv_relevance_kernel, dict(_INTERPRET_META, **config))
+    launcher, meta = (_launcher, _launcher_meta) if config is None else (
+        _affine_relevance_conv_kernel, dict(_INTERPRET_META, **config))
     grid = lambda META: (triton.cdiv(mq, META["BLOCK_P"])  # noqa: E731
                          * triton.cdiv(cin_g, META["BLOCK_C"]), sh * sw * groups)
-    launch[grid](
+    launcher[grid](
         g, z if z is not None else dummy, weight, a if a is not None else dummy,
         scale if scale is not None else dummy, out4, l1_arg,
         groups, cin_g, c_out // groups, h, w_in, oh, ow, kh, kw, qh, qw, mq,
