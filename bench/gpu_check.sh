@@ -32,8 +32,9 @@ echo "== correctness on CUDA ($((SECONDS - start)) s)"
 RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 100 $PY -m pytest -q -x -p no:cacheprovider \
   -k triton tests/test_affine_relevance.py tests/test_affine_relevance_l1.py 2>&1 | tail -12
 echo "per-primitive correctness exit: ${PIPESTATUS[0]}"
-RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 130 $PY -m pytest -q -x -p no:cacheprovider \
-  tests/test_triton_kernels.py tests/test_cuda_explainer.py 2>&1 | tail -20
+RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 160 $PY -m pytest -q -x -p no:cacheprovider \
+  tests/test_triton_kernels.py tests/test_cuda_explainer.py tests/test_affine_forward_abs.py \
+  2>&1 | tail -20
 echo "correctness exit: ${PIPESTATUS[0]}"
 
 # Per-primitive timings, torch vs triton side by side on real layers (autotuning off: the first
@@ -43,6 +44,11 @@ for primitive in affine_relevance affine_relevance_l1; do
   echo "== $primitive, batch 32 ($((SECONDS - start)) s)"
   RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.$primitive --device cuda --batch 32 2>&1 | tail -14
 done
+
+# norm="neuron"'s z and |W||a|: two cuDNN calls vs one packed call vs the fused Triton kernel
+echo "== affine_forward_abs, batch 32 ($((SECONDS - start)) s)"
+RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.affine_forward_abs --device cuda --batches 32 \
+  --reps 5 2>&1 | tail -32
 
 methods="forward gxi rlrp-torch rlrp-triton neuron-triton"
 $PY -c "import zennit" 2>/dev/null && methods="$methods zennit-EpsilonPlus"

@@ -3,10 +3,11 @@ one Triton launch (R-LRP ``norm="neuron"`` divides each neuron's relevance by ``
 
 For a convolution with ``W`` ``[C_out, C_in/G, KH, KW]`` and input ``a`` ``[N, C_in, H, W]``:
 
-    z[n, o, oh, ow] = b[o] + Σ_{c, kh, kw} W[o, c, kh, kw] · a[n, g·C_in/G + c, ih, iw]
-    s[n, o, oh, ow] =        Σ_{c, kh, kw} |W[o, c, kh, kw]| · |a[n, g·C_in/G + c, ih, iw]|
+    z[n, o, oh, ow] = b[o] + σ[o] · Σ_{c, kh, kw} W[o, c, kh, kw] · a[n, g·C_in/G + c, ih, iw]
+    s[n, o, oh, ow] =       |σ[o]| · Σ_{c, kh, kw} |W[o, c, kh, kw]| · |a[n, g·C_in/G + c, ih, iw]|
 
-with ``ih = oh·SH − PH + kh·DH`` (same for w), ``g = o // (C_out/G)``, out-of-range taps 0.
+with ``ih = oh·SH − PH + kh·DH`` (same for w), ``g = o // (C_out/G)``, out-of-range taps 0,
+and ``σ`` an optional per-output-channel scale (a folded BatchNorm), 1 when absent.
 A Linear is the 1×1 case over rows (``a`` ``[M, K]`` as ``[M, K, 1, 1]``).
 
 Design. An implicit GEMM: a program owns a ``[BLOCK_P output positions, BLOCK_O output
@@ -31,14 +32,15 @@ from ._common import DOT_PRECISION, autotune_or_fixed, grouped_tile
     "CIN_G", "COUT_G", "H", "W", "OH", "OW", "KH", "KW", "MP",
     "SH", "SW", "PAD_H", "PAD_W", "DIL_H", "DIL_W"])
 def _affine_forward_abs_kernel(
-    a_ptr, w_ptr, b_ptr, z_ptr, s_ptr,
+    a_ptr, w_ptr, b_ptr, scale_ptr, z_ptr, s_ptr,
     CIN_G, COUT_G, H, W, OH, OW, KH, KW, MP,
     SH, SW, PAD_H, PAD_W, DIL_H, DIL_W,
     stride_an, stride_ac, stride_ah, stride_aw,
     stride_wo, stride_wi, stride_wh, stride_ww,
     stride_zn, stride_zc, stride_zh, stride_zw,
     stride_sn, stride_sc, stride_sh, stride_sw,
-    HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, STORE_S: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_Z: tl.constexpr,
+    STORE_S: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -83,6 +85,10 @@ def _affine_forward_abs_kernel(
             acc_s = tl.dot(tl.abs(a), tl.abs(w), acc_s, input_precision=PRECISION)
 
     mask = mask_p[:, None] & mask_o[None, :]
+    if HAS_SCALE:
+        sigma = tl.load(scale_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        acc_z = acc_z * sigma
+        acc_s = acc_s * tl.abs(sigma)
     if STORE_Z:
         if HAS_BIAS:
             acc_z += tl.load(b_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
@@ -107,7 +113,8 @@ def _configs():
 _INTERPRET_META = {"BLOCK_P": 128, "BLOCK_O": 64, "BLOCK_K": 64, "GROUP_M": 8}
 _launch, _launch_meta = autotune_or_fixed(
     _affine_forward_abs_kernel, _configs(),
-    key=["MP", "CIN_G", "COUT_G", "KH", "KW", "SH", "SW", "HAS_BIAS", "STORE_Z", "STORE_S"],
+    key=["MP", "CIN_G", "COUT_G", "KH", "KW", "SH", "SW", "HAS_BIAS", "HAS_SCALE", "STORE_Z",
+         "STORE_S"],
     interpret_meta=_INTERPRET_META)
 
 
@@ -116,10 +123,12 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) 
 
 
 def affine_forward_abs(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+                       *, scale: torch.Tensor | None = None,
+                       stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                        store_z: bool = True, store_s: bool = True, config: dict | None = None
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(z, s)``: the layer's output ``W a + b`` (in ``a``'s dtype) and ``|W| |a|`` (float32),
+    """``(z, s)``: the layer's output ``σ ⊙ (W a) + b`` (in ``a``'s dtype) and ``|σ ⊙ W| |a|``
+    (float32),
     from one launch; ``store_z``/``store_s`` False skips one (None in its place).
 
     Args:
@@ -127,6 +136,7 @@ def affine_forward_abs(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             (H,) W]`` for a Conv1d/Conv2d (``weight`` ``[C_out, C_in/groups, (KH,) KW]``);
             float32/bfloat16/float16, any strides.
         bias: ``[O]`` or None (only ``z`` reads it).
+        scale: ``σ``, ``[O]`` or None: a per-output-channel factor (a folded BatchNorm).
         stride, padding, dilation, groups: the convolution's (per spatial dim); ignored for
             a Linear.
         config: fixed tile sizes (tests), else the autotuned/interpreter ones.
@@ -170,14 +180,15 @@ def affine_forward_abs(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         grid = lambda META: (triton.cdiv(mp, META["BLOCK_P"])  # noqa: E731
                              * triton.cdiv(c_out // groups, META["BLOCK_O"]), groups)
         launch[grid](
-            a4, w4, bias if bias is not None else dummy,
+            a4, w4, bias if bias is not None else dummy, scale if scale is not None else dummy,
             z4 if z4 is not None else dummy, s4 if s4 is not None else dummy,
             cin_g, c_out // groups, h, w_in, oh, ow, kh, kw, mp,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *a4.stride(), *w4.stride(),
             *(z4.stride() if z4 is not None else (0, 0, 0, 0)),
             *(s4.stride() if s4 is not None else (0, 0, 0, 0)),
-            HAS_BIAS=bias is not None, STORE_Z=store_z, STORE_S=store_s,
+            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, STORE_Z=store_z,
+            STORE_S=store_s,
             PRECISION=DOT_PRECISION, **meta)
 
     def shaped(t4):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
@@ -94,22 +94,32 @@ class RlrpAffine:
 
     The unit-L1 factor of the incoming value is applied in the contraction's epilogue. A
     folded BatchNorm (``W' = s·W``) enters as ``W'ᵀ R = Wᵀ (s ⊙ R)``: no scaled weight copy
-    is kept. ``abs_weight`` is ``|s ⊙ W|``, kept for ``norm="neuron"`` only (one copy of the
-    weights: a per-call ``abs`` would read them once more on every call, and the folded
-    scale inside it saves a pass over ``s``'s output)."""
+    is kept for it. ``norm="neuron"`` takes ``|s ⊙ W| |a|`` from the backend's
+    ``affine_abs``: the Triton kernel takes ``abs`` on load, the ATen backends read
+    :meth:`abs_weight`."""
 
     weight: torch.Tensor
     channel_scale: torch.Tensor | None
-    abs_weight: torch.Tensor | None = None
+    neuron: bool = False
+    _abs: list = field(default_factory=list, compare=False, repr=False)
     needs_output = False
+
+    def abs_weight(self) -> torch.Tensor:
+        """``|s ⊙ W|``, made on first use (only backends without ``abs`` on load ask) and
+        kept: one copy of the weights, where a per-call ``abs`` would read them once more on
+        every call; the folded scale inside it saves a pass over the layer's output."""
+        if not self._abs:
+            w = self.weight if self.channel_scale is None else scale_rows(
+                self.weight, self.channel_scale)
+            self._abs.append(w.abs())
+        return self._abs[0]
 
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)
         weight, g, s = self.weight, r.value, self.channel_scale
         a = inputs[0]
-        if self.abs_weight is not None:  # |s ⊙ W| |a|: the folded scale is in abs_weight
-            g = divide_into(g, backend.affine_forward(step, self.abs_weight, None,
-                                                      a.abs().to(g.dtype)))
+        if self.neuron:
+            g = divide_into(g, backend.affine_abs(step, a, weight, s, self.abs_weight))
         if s is not None:  # scale whichever is smaller, the weight or the relevance
             if weight.numel() < g.numel():
                 weight = scale_rows(weight, s)
@@ -539,10 +549,7 @@ class RLRP(Rule):
         if isinstance(step, Affine):
             scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
             weight = step.weight.to(dtype)
-            abs_weight = None
-            if neuron:  # |s ⊙ W| = |s| ⊙ |W|, one copy either way
-                abs_weight = weight.abs() if scale is None else scale_rows(weight, scale).abs_()
-            return RlrpAffine(weight, scale, abs_weight)
+            return RlrpAffine(weight, scale, neuron)
         if isinstance(step, Add):  # sums never take the neuron form (docs/RLRP_SPEC.md)
             # a constant added is a bias: the linear rule over the tensors, under every skip
             linear = self.skip == "linear" or step.constants

@@ -47,9 +47,11 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None
     assert l1 <= tol and peak <= tol, f"{what}: relative L1 {l1:.2e}, max {peak:.2e}"
 
 
-def _expected(a, weight, bias, conv):
-    """float64 ``(z, s)`` by torch itself."""
+def _expected(a, weight, bias, conv, scale=None):
+    """float64 ``(z, s)`` by torch itself (``scale`` folded into the weight's rows)."""
     a64, w64 = a.double().cpu(), weight.double().cpu()
+    if scale is not None:
+        w64 = w64 * scale.double().cpu().view(-1, *[1] * (w64.dim() - 1))
     b64 = None if bias is None else bias.double().cpu()
     if conv is None:
         return F.linear(a64, w64, b64), F.linear(a64.abs(), w64.abs())
@@ -57,9 +59,9 @@ def _expected(a, weight, bias, conv):
     return fn(a64, w64, b64, **conv), fn(a64.abs(), w64.abs(), None, **conv)
 
 
-def _check(a, weight, bias=None, conv=None, config=None):
-    z, s = affine_forward_abs(a, weight, bias, **(conv or {}), config=config)
-    z_want, s_want = _expected(a, weight, bias, conv)
+def _check(a, weight, bias=None, conv=None, config=None, scale=None):
+    z, s = affine_forward_abs(a, weight, bias, scale=scale, **(conv or {}), config=config)
+    z_want, s_want = _expected(a, weight, bias, conv, scale)
     assert z.dtype == a.dtype and s.dtype == torch.float32
     _close(s, s_want, 1e-5, "s")
     _close(z, z_want, Z_TOL[a.dtype], "z")
@@ -137,6 +139,19 @@ def test_linear(dtype, shape):
     weight = torch.randn(19, 37, device=DEVICE).to(dtype)
     _check(a, weight, torch.randn(19, device=DEVICE).to(dtype))
     _check(a, weight, None, config=SMALL)
+
+
+@pytest.mark.parametrize("conv", [None, dict(stride=(2, 1), padding=(1, 1), groups=2)])
+def test_folded_scale(conv):
+    """A folded BatchNorm's per-channel σ (of either sign): z = σ⊙(W a) + b, s = |σ⊙W||a|."""
+    torch.manual_seed(5)
+    if conv is None:
+        a, weight = torch.randn(4, 9, device=DEVICE), torch.randn(6, 9, device=DEVICE)
+    else:
+        a, weight = (torch.randn(2, 4, 7, 6, device=DEVICE),
+                     torch.randn(6, 2, 3, 3, device=DEVICE))
+    scale = torch.randn(6, device=DEVICE)
+    _check(a, weight, torch.randn(6, device=DEVICE), conv, scale=scale)
 
 
 def test_each_output_alone_and_signs():

@@ -26,7 +26,7 @@ import rlrp_fast  # noqa: E402
 from rlrp_fast.backends import TorchBackend, get_backend  # noqa: E402
 from rlrp_fast.backends import triton_backend  # noqa: E402
 from rlrp_fast.backends.triton_backend import TritonBackend  # noqa: E402
-from rlrp_fast.kernels import _common, affine_relevance_conv, affine_relevance_dense  # noqa: E402
+from rlrp_fast.kernels import _common, affine_forward_abs, affine_relevance_conv, affine_relevance_dense  # noqa: E402,E501
 from rlrp_fast.kernels import affine_relevance as kernels  # noqa: E402
 from rlrp_fast.plan import Affine  # noqa: E402
 
@@ -66,18 +66,19 @@ def test_import_does_not_import_triton():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the launches of each kernel (to tell fused calls from fallbacks)."""
-    calls = {"dense": 0, "conv": 0}
+    calls = {"dense": 0, "conv": 0, "abs": 0}
 
-    def spy(module, key):
-        fn = module.launch
+    def spy(module, name, key):
+        fn = getattr(module, name)
 
         def wrapped(*args, **kwargs):
             calls[key] += 1
             return fn(*args, **kwargs)
-        monkeypatch.setattr(module, "launch", wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
-    spy(affine_relevance_dense, "dense")
-    spy(affine_relevance_conv, "conv")
+    spy(affine_relevance_dense, "launch", "dense")
+    spy(affine_relevance_conv, "launch", "conv")
+    spy(affine_forward_abs, "affine_forward_abs", "abs")
     return calls
 
 
@@ -190,6 +191,9 @@ def test_explainer_triton_equals_torch(device, rule, model_name, kernel_calls):
     assert explainer.backend == "triton"
     fused = explainer(x)
     assert kernel_calls["conv"] >= 3 and kernel_calls["dense"] >= 1
+    # norm="neuron": every Linear/Conv's |W||a| from the affine_forward_abs kernel
+    assert kernel_calls["abs"] == (sum(isinstance(m, (nn.Conv2d, nn.Linear))
+                                       for m in model.modules()) if rule == "rlrp-neuron" else 0)
     assert torch.equal(fused.targets, reference.targets)
     assert_close(fused.relevance, reference.relevance, 1e-5, f"{model_name}/{rule}")
 

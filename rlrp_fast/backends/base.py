@@ -14,6 +14,7 @@ benchmark ``bench/<name>.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 
@@ -45,6 +46,16 @@ class Backend(ABC):
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """The R-LRP hot path: ``(R̃, ‖R̃‖₁ per sample)`` with
         ``R̃ = g_scale ⊙ a ⊙ (Wᵀ g)`` (``g_scale`` per sample, 1 when None)."""
+
+    @abstractmethod
+    def affine_abs(self, step: Affine, a: torch.Tensor, weight: torch.Tensor,
+                   scale: torch.Tensor | None, abs_weight: Callable[[], torch.Tensor]
+                   ) -> torch.Tensor:
+        """``s = |σ ⊙ W| |a|`` (``norm="neuron"``'s denominators) in float32 (float64 for a
+        float64 ``weight``), a fresh tensor the caller may overwrite. ``σ`` (``scale``) is
+        a folded BatchNorm's per-channel factor or None; ``abs_weight()`` returns the cached
+        ``|σ ⊙ W|`` for backends that need it as a tensor (ATen has no ``abs`` on load), so
+        a backend that takes ``abs`` on load never makes that copy."""
 
     @abstractmethod
     def pool_forward(self, step: Pool, x: torch.Tensor) -> torch.Tensor:

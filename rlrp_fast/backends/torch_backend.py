@@ -77,6 +77,9 @@ class TorchBackend(Backend):
             r.mul_(per_sample(g_scale, r))
         return r, l1_per_sample(r)
 
+    def affine_abs(self, step, a, weight, scale, abs_weight):
+        return affine_forward(step, abs_weight(), None, a.abs().to(weight.dtype))
+
     def pool_forward(self, step: Pool, x):
         return pool_forward(step, x)
 

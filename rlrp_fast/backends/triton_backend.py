@@ -34,6 +34,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _forward_abs():
+    from ..kernels import affine_forward_abs  # imports triton
+    return affine_forward_abs
+
+
 def _kernels():
     from ..kernels import affine_relevance  # imports triton
     return affine_relevance
@@ -54,3 +59,12 @@ class TritonBackend(TorchBackend):
         if kernels.unsupported(g, weight, a, g_scale, conv_dims=step.conv_dims) is not None:
             return super().affine_relevance_l1(step, weight, g, a, g_scale)
         return kernels.affine_relevance_l1(g, weight, a, g_scale=g_scale, **step.geometry)
+
+    def affine_abs(self, step, a, weight, scale, abs_weight):
+        # what the kernels take: float32 weight (in the relevance slot), float/half a, CUDA
+        if _kernels().unsupported(weight, weight, a, scale, conv_dims=step.conv_dims) is not None:
+            return super().affine_abs(step, a, weight, scale, abs_weight)
+        geometry = {k: v for k, v in step.geometry.items() if k != "conv_dims"}
+        _, s = _forward_abs().affine_forward_abs(a, weight, scale=scale, store_z=False,
+                                                 **geometry)
+        return s
