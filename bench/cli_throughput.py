@@ -170,7 +170,7 @@ def verify_outputs(out: Path, files: list[Path], formats: str, top_k: int) -> No
     every one of them a non-empty file, and no other output file."""
     lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     records = {os.path.abspath(r["file"]): r for r in map(json.loads, lines)}
-    missing = [f for f in files if str(f.resolve()) not in records]
+    missing = [f for f in files if os.path.abspath(f) not in records]
     if missing or len(lines) != len(files):
         raise OutputError(f"{out}/predictions.jsonl has {len(lines)} records for "
                           f"{len(files)} images ({len(missing)} images without one)")
