@@ -38,7 +38,7 @@ SUPPORTED_OPS = (
     "nn.MultiheadAttention (batch_first=True, packed or separate in-projections, no masks, "
     "no bias_k/bias_v, no add_zero_attn) and F.scaled_dot_product_attention (no mask, no "
     "dropout, not causal); torchvision's Swin shifted-window attention (V1 and V2), patch "
-    "merging and MaxViT's relative-position attention; torch.roll, F.pad (constant mode), swapaxes/swapdims; shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
+    "merging and MaxViT's relative-position attention; torch.roll, F.pad (constant mode), ZeroPad1d/2d/3d, ConstantPad1d/2d/3d, swapaxes/swapdims; shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
     "torch._assert)"
 )
 
@@ -103,6 +103,8 @@ _MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
              nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
 _AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE_AVGPOOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d,
+                  nn.ZeroPad2d, nn.ZeroPad3d)
 _PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                         nn.AlphaDropout)
 
@@ -421,6 +423,8 @@ class _Builder:
         elif kind is nn.Flatten:
             self.emit(node, Reshape, (src,), fn=torch.flatten,
                       args=(module.start_dim, module.end_dim))
+        elif kind in _CONSTANT_PADS:  # ZeroPadNd is a ConstantPadNd with value 0
+            self.emit(node, Pad, (src,), pad=tuple(module.padding), value=float(module.value))
         elif kind is nn.Unflatten:
             self.emit(node, Reshape, (src,), fn=torch.Tensor.unflatten,
                       args=(module.dim, module.unflattened_size))

@@ -310,9 +310,10 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
                                       "tensor index (a copy, not a view): not supported")
         part.copy_(r.value)
         return [Rel(out, r.mass, r.l1)]
-    if isinstance(step, Pad):  # the padded constants' share goes back to the input
+    if isinstance(step, Pad):  # the padded constants' share goes back to the input:
+        # the cropped value carries the whole mass (R-LRP), as a cat's constant slice does
         cropped = F.pad(r.value, tuple(-p for p in tape.selections.pop(i)))
-        return share_mass([cropped], r.mass)
+        return [Rel(cropped, r.mass)]
     if isinstance(step, Cat):
         sizes = [s[step.dim] for s in tape.shapes[i]]
         parts = list(torch.split(r.value, sizes, dim=step.dim))

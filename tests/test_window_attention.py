@@ -243,5 +243,5 @@ def test_torchvision_swin_is_batch_independent_in_float64(name):
 
 @SLOW
 @pytest.mark.parametrize("name", LARGE)
-def test_torchvision_large_swin_is_batch_independent_in_float64(name):
+def test_torchvision_large_window_models_are_batch_independent_in_float64(name):
     _batch_independent(name)
