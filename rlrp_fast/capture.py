@@ -38,8 +38,9 @@ SUPPORTED_OPS = (
     "nn.MultiheadAttention (batch_first=True, packed or separate in-projections, no masks, "
     "no bias_k/bias_v, no add_zero_attn) and F.scaled_dot_product_attention (no mask, no "
     "dropout, not causal); torchvision's Swin shifted-window attention (V1 and V2), patch "
-    "merging and MaxViT's relative-position attention; torch.roll, F.pad (constant mode), ZeroPad1d/2d/3d, ConstantPad1d/2d/3d, swapaxes/swapdims; shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
-    "torch._assert)"
+    "merging and MaxViT's relative-position attention; torch.roll, F.pad (constant mode), "
+    "ZeroPad1d/2d/3d, ConstantPad1d/2d/3d, swapaxes/swapdims; shape arithmetic and "
+    "comparisons (x.size(), x.shape, x.dim(), torch._assert)"
 )
 
 

@@ -10,8 +10,8 @@ Step kinds (one class each):
 - ``Scale``    a BatchNorm with nothing to fold into: ``z = s·a + t`` per channel.
 - ``Activation`` elementwise nonlinearity; relevance passes through unchanged.
 - ``MaxPool``  MaxPool* / AdaptiveMaxPool*; relevance goes to the winning element.
-- ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose; relevance follows
-  the element.
+- ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose/swapaxes, roll;
+  relevance follows the element.
 - ``Gate``     a product with a gate (squeeze-excitation) or a constant (layer scale):
   relevance to the signal only.
 - ``Constant`` a parameter or number used directly in ``forward``.

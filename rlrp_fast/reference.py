@@ -55,7 +55,8 @@ dividing each by its own ``stab(z)`` (formulas ``"attention"``, ``"attention_eps
 ``eps``). Constants take nothing: an ``Add`` with constant operands is a bias (linear in its
 tensors under every ``skip``), a ``Cat``'s constant slice is dropped and, for R-LRP, the other
 slices are rescaled jointly to ``‖R_y‖₁``. A constant ``Pad``'s padded elements are constants
-too: relevance arriving there is dropped and, for R-LRP, the input's part rescaled to ``‖R_y‖₁``.
+too: relevance arriving there is dropped and, for R-LRP, the input's part rescaled to
+``‖R_y‖₁``.
 
 Swin's shifted-window attention (``WindowAttention``) is written with explicit index
 arithmetic: for every window and token, the input position it holds (after zero padding to

@@ -906,8 +906,9 @@ class Composite:
 
     def _attention_rule(self, step: Step, module: nn.Module | None) -> Rule:
         """An attention module named in ``names`` gets that rule; else the rule its output
-        projection (a Linear: ``out_proj``; window attention's ``proj``/``merge``) maps to when that rule has a
-        meaning at attention (R-LRP, ε: the dense layers' ε), else ``base``.
+        projection (a Linear: ``out_proj``; window attention's ``proj``/``merge``) maps to
+        when that rule has a meaning at attention (R-LRP, ε: the dense layers' ε), else
+        ``base``.
         ``scaled_dot_product_attention`` (no module) gets ``base``."""
         if module is not None and step.module in self.names:
             return self.names[step.module]
