@@ -7,9 +7,11 @@ supported. The user's model is only read, never modified.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -17,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
-                   Plan, Pool, Reshape, Scale, Select, SlotRef, Step)
+                   Pad, Plan, Pool, Reshape, Scale, Select, SlotRef, Step, WindowAttention)
 
 SUPPORTED_OPS = (
     "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
@@ -35,8 +37,10 @@ SUPPORTED_OPS = (
     "parameter; chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
     "nn.MultiheadAttention (batch_first=True, packed or separate in-projections, no masks, "
     "no bias_k/bias_v, no add_zero_attn) and F.scaled_dot_product_attention (no mask, no "
-    "dropout, not causal); shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
-    "torch._assert)"
+    "dropout, not causal); torchvision's Swin shifted-window attention (V1 and V2), patch "
+    "merging and MaxViT's relative-position attention; torch.roll, F.pad (constant mode), "
+    "ZeroPad1d/2d/3d, ConstantPad1d/2d/3d, swapaxes/swapdims; shape arithmetic and "
+    "comparisons (x.size(), x.shape, x.dim(), torch._assert)"
 )
 
 
@@ -100,6 +104,8 @@ _MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
              nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
 _AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE_AVGPOOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d,
+                  nn.ZeroPad2d, nn.ZeroPad3d)
 _PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                         nn.AlphaDropout)
 
@@ -127,7 +133,7 @@ _RESHAPE_FUNCTIONS = {torch.flatten: "flatten", torch.reshape: "reshape",
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _META_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add,
-                   operator.sub, operator.truediv, len,
+                   operator.sub, operator.truediv, operator.mod, len,
                    # comparisons for shape checks (torch._assert): meta values only
                    operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                    operator.ge, operator.and_, operator.or_, operator.not_, operator.truth}
@@ -383,6 +389,9 @@ class _Builder:
         if kind is nn.MultiheadAttention:
             self.on_multihead_attention(node, module)
             return
+        if kind in _window_attention_types():
+            self.on_window_attention(node, module)
+            return
         if len(node.args) != 1 or node.kwargs:
             raise _unsupported(node, name, "module called with more than one argument")
         src = self.tensor_slot(node, node.args[0])
@@ -408,6 +417,8 @@ class _Builder:
         elif kind is nn.Flatten:
             self.emit(node, Reshape, (src,), fn=torch.flatten,
                       args=(module.start_dim, module.end_dim))
+        elif kind in _CONSTANT_PADS:  # ZeroPadNd is a ConstantPadNd with value 0
+            self.emit(node, Pad, (src,), pad=tuple(module.padding), value=float(module.value))
         elif kind is nn.Unflatten:
             self.emit(node, Reshape, (src,), fn=torch.Tensor.unflatten,
                       args=(module.dim, module.unflattened_size))
@@ -471,6 +482,12 @@ class _Builder:
             self.on_layer_norm(node)
         elif fn is F.scaled_dot_product_attention:
             self.on_sdpa(node)
+        elif fn is F.pad:
+            self.on_pad(node)
+        elif fn is torch.roll:
+            self.on_roll(node)
+        elif fn in (torch.swapaxes, torch.swapdims):
+            self.on_swap(node)
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -497,6 +514,10 @@ class _Builder:
             self.on_parts(node, getattr(torch.Tensor, method))
         elif method == "expand":
             self.on_expand(node)
+        elif method == "roll":
+            self.on_roll(node)
+        elif method in ("swapaxes", "swapdims"):
+            self.on_swap(node)
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -758,6 +779,83 @@ class _Builder:
                   key=self.tensor_slot(node, given["key"]),
                   scale=None if scale is None else float(scale))
 
+    def on_window_attention(self, node: fx.Node, module: nn.Module) -> None:
+        """torchvision's ``ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2`` (Swin) or
+        ``RelativePositionalMultiHeadAttention`` (MaxViT), a leaf of the trace, as one
+        :class:`WindowAttention` step."""
+        what = f"module {node.target!r} ({type(module).__name__})"
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(node, what, "called with more than one argument")
+        if hasattr(module, "to_qkv"):  # MaxViT: windows laid out by the caller
+            qkv, proj, fields = module.to_qkv, module.merge, dict(
+                window_size=None, shift_size=(0, 0), num_heads=module.n_heads,
+                scale=float(module.scale_factor), out_proj="merge")
+        else:
+            if module.training and (module.attention_dropout > 0 or module.dropout > 0):
+                raise _unsupported(node, what, "dropout in training mode (call model.eval())")
+            qkv, proj, fields = module.qkv, module.proj, dict(
+                window_size=tuple(module.window_size), shift_size=tuple(module.shift_size),
+                num_heads=module.num_heads)
+        fields.update(qkv_weight=qkv.weight.detach(),
+                      qkv_bias=None if qkv.bias is None else qkv.bias.detach(),
+                      proj_weight=proj.weight.detach(),
+                      proj_bias=None if proj.bias is None else proj.bias.detach(),
+                      bias_index=module.relative_position_index)
+        if hasattr(module, "cpb_mlp"):  # Swin V2: cosine attention, continuous position bias
+            mlp = module.cpb_mlp
+            layers = [type(m) for m in mlp] if isinstance(mlp, nn.Sequential) else []
+            if layers != [nn.Linear, nn.ReLU, nn.Linear]:
+                raise _unsupported(node, what, "a position-bias MLP other than torchvision's "
+                                   "Linear, ReLU, Linear")
+            fields.update(logit_scale=module.logit_scale.detach(),
+                          coords_table=module.relative_coords_table,
+                          cpb_weights=tuple(None if t is None else t.detach() for t in (
+                              mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)))
+        else:
+            fields.update(bias_table=module.relative_position_bias_table.detach())
+        self.emit(node, WindowAttention, (self.tensor_slot(node, node.args[0]),), **fields)
+
+    def on_pad(self, node: fx.Node) -> None:
+        """``F.pad`` in constant mode: the padded elements are constants."""
+        names = ("input", "pad", "mode", "value")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        mode = given.get("mode", "constant")
+        if mode != "constant":
+            raise _unsupported(node, self.describe(node), f"mode={mode!r} (only constant "
+                               "padding; reflect, replicate and circular copy elements)")
+        value = given.get("value")
+        if isinstance(value, fx.Node):
+            raise _unsupported(node, self.describe(node), "a pad value computed at run time")
+        pad = given["pad"]
+        self.emit(node, Pad, (self.tensor_slot(node, given["input"]),),
+                  pad=self.refs(pad if isinstance(pad, fx.Node) else tuple(pad)),
+                  value=0.0 if value is None else float(value))
+
+    def on_roll(self, node: fx.Node) -> None:
+        """``torch.roll`` along given dims (not the batch): relevance rolls back."""
+        names = ("input", "shifts", "dims")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        shifts, dims = given["shifts"], given.get("dims")
+        if any(isinstance(a, fx.Node) for a in fx.node.map_aggregate((shifts, dims),
+                                                                      lambda a: a)):
+            raise _unsupported(node, self.describe(node), "shifts or dims computed at run time")
+        if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+            raise _unsupported(node, self.describe(node), "roll without dims (it rolls the "
+                               "flattened tensor, across samples)")
+        shifts, dims = tuple(_tuple(shifts, 1)), tuple(_tuple(dims, 1))
+        self.emit(node, Reshape, (self.tensor_slot(node, given["input"]),), fn=_roll,
+                  args=(shifts, dims),
+                  undo=functools.partial(_roll, shifts=tuple(-s for s in shifts), dims=dims))
+
+    def on_swap(self, node: fx.Node) -> None:
+        """``swapaxes``/``swapdims``: a transpose."""
+        dims = tuple(node.args[1:]) + tuple(node.kwargs.values())
+        if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+            raise _unsupported(node, self.describe(node), "dims computed at run time")
+        undo = functools.partial(torch.transpose, dim0=dims[0], dim1=dims[1])
+        self.emit(node, Reshape, (self.tensor_slot(node, node.args[0]),), fn=torch.transpose,
+                  args=dims, undo=undo)
+
     def on_mean(self, node: fx.Node) -> None:
         src = self.tensor_slot(node, node.args[0])
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -803,12 +901,79 @@ def _maxpool_fn(module: nn.Module, dims: int) -> Callable:
                              ceil_mode=module.ceil_mode, return_indices=True)
 
 
+def _roll(x: torch.Tensor, shifts: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """``torch.roll``, refusing the batch dimension (rolling it would mix samples)."""
+    if any(d % x.dim() == 0 for d in dims):
+        raise ValueError(f"torch.roll along dims {dims} moves elements across the batch "
+                         "dimension (samples would mix)")
+    return torch.roll(x, shifts=shifts, dims=dims)
+
+
+_WINDOW_ATTENTION = {"torchvision.models.swin_transformer": ("ShiftedWindowAttention",
+                                                              "ShiftedWindowAttentionV2"),
+                     "torchvision.models.maxvit": ("RelativePositionalMultiHeadAttention",)}
+
+
+def _window_attention_types() -> tuple[type, ...]:
+    """torchvision's window attention modules (Swin V1/V2, MaxViT), where torchvision has
+    loaded them (a model built from them has; capture never imports torchvision itself)."""
+    found = []
+    for module_name, names in _WINDOW_ATTENTION.items():
+        module = sys.modules.get(module_name)
+        found += [getattr(module, n) for n in names if hasattr(module, n)]
+    return tuple(found)
+
+
+def _traced_through_functions() -> set:
+    """Functions torchvision hides from fx with ``torch.fx.wrap`` that are plain routing
+    (Swin's patch merging: zero padding to even sizes, four strided slices, a cat): traced
+    through, they become steps the plan supports."""
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    fn = getattr(swin, "_patch_merging_pad", None) if swin else None
+    return {fn} if fn is not None else set()
+
+
+@contextlib.contextmanager
+def _unwrapped(functions: set) -> Iterator[None]:
+    """While tracing, let fx trace through ``functions`` registered with ``torch.fx.wrap``
+    (fx keeps them in a private registry); the registry is restored on any exit."""
+    registry = getattr(fx._symbolic_trace, "_wrapped_fns_to_patch", None)
+    removed = {}
+    if isinstance(registry, dict):
+        for key, frame in list(registry.items()):
+            if frame.get(key[1]) in functions:
+                removed[key] = registry.pop(key)
+    try:
+        yield
+    finally:
+        if removed:
+            registry.update(removed)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with torchvision's window attention modules kept whole (Swin's function
+    branches on the feature map's size, which symbolic tracing cannot follow; MaxViT's is
+    written with einsum)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in _window_attention_types() or \
+            super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a ``torch.fx.GraphModule``, traced the way capture reads it."""
+    tracer = _Tracer()
+    with _unwrapped(_traced_through_functions()):
+        graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def capture(model: nn.Module) -> Plan:
     """Trace ``model`` and canonicalise it into a :class:`Plan` (see module docstring)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace(model)
     except Exception as exc:  # fx raises many types; all mean "not traceable"
         raise UnsupportedModelError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .backends.torch_backend import affine_forward, pool_forward
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
-                   Pool, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
+                   Pad, Plan, Pool, Reshape, Scale, Select, Step, WindowAttention, resolve,
+                   scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
 from .rules import Propagator, attention_forward
+from .window_attention import window_attention_forward
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Tape:
     outputs: dict[int, torch.Tensor]
     pool_indices: dict[int, torch.Tensor]
     shapes: dict[int, list[torch.Size]]
-    selections: dict[int, tuple] = field(default_factory=dict)  # Select: resolved arguments
+    selections: dict[int, tuple] = field(default_factory=dict)  # Select, Pad: resolved arguments
 
 
 
@@ -66,6 +68,8 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
         return out
     if isinstance(step, Attention):
         return attention_forward(step, *args)
+    if isinstance(step, WindowAttention):
+        return window_attention_forward(step, args[0])
     if isinstance(step, Cat):
         return torch.cat(args, dim=step.dim)
     if isinstance(step, Gate):
@@ -118,6 +122,10 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 chosen = (resolve(step.args, values), resolve(step.kwargs, values))
                 out = step.apply(args[0], *chosen)
                 tape.shapes[i], tape.selections[i] = [args[0].shape], chosen
+            elif isinstance(step, Pad):
+                pad = tuple(resolve(step.pad, values))
+                out = F.pad(args[0], pad, value=step.value)
+                tape.selections[i] = pad
             elif isinstance(step, Meta):
                 out = step.fn(*resolve(step.args, values), **resolve(step.kwargs, values))
             elif isinstance(step, Constant):  # in the forward's dtype, as weights are
@@ -261,11 +269,12 @@ def _safe_inputs(step: Step, inputs: list[torch.Tensor], dtype: torch.dtype
                  ) -> list[torch.Tensor]:
     """:func:`_joint_unit_max` of a step's inputs, except attention's query and key (the
     softmax is not invariant to their scale; only the value's scale cancels), a gate (bounded,
-    and a constant gate has no batch dimension) and a layer norm's input (``σ = √(var + eps)``
-    does not scale with it; ``x/σ`` is bounded anyway)."""
+    and a constant gate has no batch dimension), a layer norm's input (``σ = √(var + eps)``
+    does not scale with it; ``x/σ`` is bounded anyway) and window attention's input (it is
+    the query and key too)."""
     if isinstance(step, (Attention, Gate)):  # a gate (or constant) is bounded: signal only
         return _joint_unit_max(inputs[:1], dtype) + [t.to(dtype) for t in inputs[1:]]
-    if isinstance(step, LayerNorm):
+    if isinstance(step, (LayerNorm, WindowAttention)):
         return [t.to(dtype) for t in inputs]
     return _joint_unit_max(inputs, dtype)
 
@@ -301,6 +310,10 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
                                       "tensor index (a copy, not a view): not supported")
         part.copy_(r.value)
         return [Rel(out, r.mass, r.l1)]
+    if isinstance(step, Pad):  # the padded constants' share goes back to the input:
+        # the cropped value carries the whole mass (R-LRP), as a cat's constant slice does
+        cropped = F.pad(r.value, tuple(-p for p in tape.selections.pop(i)))
+        return [Rel(cropped, r.mass)]
     if isinstance(step, Cat):
         sizes = [s[step.dim] for s in tape.shapes[i]]
         parts = list(torch.split(r.value, sizes, dim=step.dim))

@@ -10,8 +10,8 @@ Step kinds (one class each):
 - ``Scale``    a BatchNorm with nothing to fold into: ``z = s·a + t`` per channel.
 - ``Activation`` elementwise nonlinearity; relevance passes through unchanged.
 - ``MaxPool``  MaxPool* / AdaptiveMaxPool*; relevance goes to the winning element.
-- ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose; relevance follows
-  the element.
+- ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose/swapaxes, roll;
+  relevance follows the element.
 - ``Gate``     a product with a gate (squeeze-excitation) or a constant (layer scale):
   relevance to the signal only.
 - ``Constant`` a parameter or number used directly in ``forward``.
@@ -21,6 +21,10 @@ Step kinds (one class each):
 - ``Attention`` ``nn.MultiheadAttention`` / ``F.scaled_dot_product_attention`` as one step:
   relevance reaches the tokens through the values only.
 - ``Select``   a part of a tensor (chunk, split, unbind, slicing); the rest gets nothing.
+- ``Pad``      constant padding (``F.pad``); the padded elements are constants.
+- ``WindowAttention`` attention inside windows with a relative position bias (torchvision's
+  Swin V1/V2 shifted windows, MaxViT's partitions) as one step: relevance reaches the tokens
+  through the values only, the window layout routes it by element.
 - ``Meta``     non-tensor values (``x.size(0)``) that shape arguments of other steps need.
 """
 from __future__ import annotations
@@ -251,6 +255,52 @@ class Attention(Step):
 
 
 @dataclass(frozen=True, eq=False)
+class Pad(Step):
+    """``z = F.pad(a, pad, value=value)`` (constant mode; ``pad`` may hold slot references
+    to sizes computed at run time; negative entries crop). The padded elements are constants:
+    relevance arriving there is dropped and the rest carries the whole mass (RLRP_SPEC.md,
+    "Constants take nothing"); cropped elements get nothing."""
+
+    pad: tuple
+    value: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class WindowAttention(Step):
+    """Multi-head self-attention inside windows, with a relative position bias, as one step:
+    torchvision's ``ShiftedWindowAttention`` (Swin V1) / ``ShiftedWindowAttentionV2`` on
+    ``(N, H, W, C)``: zero padding to whole windows, a cyclic shift, attention inside each
+    window, the shift undone, the padding cropped; or MaxViT's
+    ``RelativePositionalMultiHeadAttention`` on windows already laid out ``(N, G, P, C)``
+    (``window_size`` None, no shift). In each window: a packed ``qkv`` projection,
+    ``num_heads`` heads, scores ``q·kᵀ·scale`` (``scale`` None: ``1/√(C/heads)``; V2: cosine
+    attention scaled by ``exp(min(logit_scale, log 100))``) plus the position bias (plus the
+    shift mask), softmax, the values mixed, the output projection (``out_proj``: its
+    attribute name in the module, for composites). Weights are the module's own tensors.
+
+    The position bias is computed from parameters alone (a constant): ``bias_table`` gathered
+    by ``bias_index``; V2 runs the continuous-position MLP ``cpb_weights``
+    ``(w1, b1, w2, b2)`` on ``coords_table`` for the table and takes ``16·sigmoid``. For
+    relevance ``P`` is held constant: the tokens are reached through the values only
+    (RLRP_SPEC.md, attention)."""
+
+    window_size: tuple[int, int] | None
+    shift_size: tuple[int, int]
+    num_heads: int
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor | None
+    bias_index: torch.Tensor
+    bias_table: torch.Tensor | None = None
+    scale: float | None = None
+    logit_scale: torch.Tensor | None = None
+    cpb_weights: tuple[torch.Tensor | None, ...] | None = None
+    coords_table: torch.Tensor | None = None
+    out_proj: str = "proj"
+
+
+@dataclass(frozen=True, eq=False)
 class Meta(Step):
     """A non-tensor value (shape arithmetic). ``inputs`` is empty: no relevance flows."""
 
@@ -286,6 +336,8 @@ def step_reads(step: Step) -> list[int]:
         slots += [step.query, step.key]
     if isinstance(step, (Reshape, Meta, Select)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
+    if isinstance(step, Pad):
+        slots += [r.slot for r in _iter_refs(step.pad)]
     return slots
 
 

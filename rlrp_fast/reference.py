@@ -54,7 +54,15 @@ explicit per-sample matrices over (tokens × features) — output projection, va
 dividing each by its own ``stab(z)`` (formulas ``"attention"``, ``"attention_eps"``, param
 ``eps``). Constants take nothing: an ``Add`` with constant operands is a bias (linear in its
 tensors under every ``skip``), a ``Cat``'s constant slice is dropped and, for R-LRP, the other
-slices are rescaled jointly to ``‖R_y‖₁``.
+slices are rescaled jointly to ``‖R_y‖₁``. A constant ``Pad``'s padded elements are constants
+too: relevance arriving there is dropped and, for R-LRP, the input's part rescaled to
+``‖R_y‖₁``.
+
+Swin's shifted-window attention (``WindowAttention``) is written with explicit index
+arithmetic: for every window and token, the input position it holds (after zero padding to
+whole windows and the cyclic shift) or none (padding), and the region of the shifted map it
+lies in (the shift mask); then the same three per-sample matrices as attention, over all
+windows at once.
 
 zennit's stabiliser is ``stab(z) = z + ε·(sign(z) + (z == 0))``; ``ε = 0`` leaves ``z``.
 """
@@ -67,8 +75,8 @@ from typing import Sequence
 
 import torch
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
-                   Pool, Reshape, Scale, Select, SlotRef)
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
+                   Pad, Plan, Pool, Reshape, Scale, Select, SlotRef, WindowAttention)
 
 DTYPE = torch.float64
 
@@ -435,6 +443,11 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
             out = torch.cat([values[s] for s in step.operands] or args, dim=step.dim)
         elif isinstance(step, Attention):
             out = _attention(step, args[0], values[step.query], values[step.key])[-1]
+        elif isinstance(step, WindowAttention):
+            out = _window_attention(step, args[0])["y"]
+        elif isinstance(step, Pad):
+            out = torch.nn.functional.pad(args[0], tuple(_resolve(step.pad, values)),
+                                          value=step.value)
         elif isinstance(step, Gate):
             out = args[0] * values[step.gate]
         elif isinstance(step, Constant):
@@ -601,9 +614,10 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
     first_conv = next((k for k, s in enumerate(plan.steps)
                        if isinstance(s, Affine) and s.conv_dims), None)
     for k, step in enumerate(plan.steps):
-        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention,
+                                 WindowAttention)):
             continue
-        if isinstance(step, Attention):
+        if isinstance(step, (Attention, WindowAttention)):
             out[k] = ("attention", {"norm": options["norm"]}) if rule == "rlrp" else (
                 "attention_eps", {"eps": _attention_epsilon(step, rule, options, stab)})
             continue
@@ -646,11 +660,12 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
     return out
 
 
-def _attention_epsilon(step: Attention, rule: str, options: dict, stab: float) -> float:
-    """The classic rules' ε at attention: a MultiheadAttention gets the dense layers' ε
-    (``lrp0``: 0; ``epsilon`` and the composites: their ``epsilon``); otherwise (rules that
-    do not apply to attention, scaled_dot_product_attention) the base ``Norm``'s stabiliser."""
-    if step.out_weight is None:
+def _attention_epsilon(step, rule: str, options: dict, stab: float) -> float:
+    """The classic rules' ε at attention: a MultiheadAttention or Swin's window attention gets
+    the dense layers' ε (``lrp0``: 0; ``epsilon`` and the composites: their ``epsilon``);
+    otherwise (rules that do not apply to attention, scaled_dot_product_attention) the base
+    ``Norm``'s stabiliser."""
+    if isinstance(step, Attention) and step.out_weight is None:
         return stab
     if rule == "lrp0":
         return 0.0
@@ -750,7 +765,8 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str | dict = "rlrp",
 def _check_assignment(plan: Plan, assignment: dict) -> dict[int, tuple[str, dict]]:
     """A per-step assignment, checked: exactly the linear steps, known formulas."""
     linear = {k for k, s in enumerate(plan.steps)
-              if isinstance(s, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention))}
+              if isinstance(s, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention,
+                                WindowAttention))}
     if set(assignment) != linear:
         raise ValueError(f"the assignment must cover exactly the linear steps {sorted(linear)}; "
                          f"got {sorted(assignment)}")
@@ -800,6 +816,9 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
             parts = [_attention_backward(step, r_z, inputs[0], fw.values[step.query],
                                          fw.values[step.key], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        elif isinstance(step, WindowAttention):
+            parts = [_window_attention_backward(step, r_z, inputs[0], *formulas[k])]
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Cat) and step.operands:
             parts = _cat_with_constants(step, r_z, fw.values, keeps_mass)
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
@@ -807,8 +826,9 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
         else:
             parts = _route_backward(step, r_z, inputs, fw.pool_indices.get(k), fw.values)
-            if keeps_mass and isinstance(step, MaxPool):
-                # overlapping windows may sum opposite signs: keep the arriving L1 mass
+            if keeps_mass and isinstance(step, (MaxPool, Pad)):
+                # overlapping windows may sum opposite signs; a pad's constants take nothing:
+                # keep the arriving L1 mass
                 parts = [_renormalise(parts[0], r_z)]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         for slot, part in zip(step.inputs, parts):
@@ -982,6 +1002,142 @@ def _attention_backward(step, r_z, xv, xq, xk, formula, options) -> torch.Tensor
                        ).view(xv.shape)
 
 
+def _window_layout(step: WindowAttention, height: int, width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Swin's windows by index arithmetic. The map is zero-padded to whole windows
+    ``(PH, PW)`` and, when shifted, rolled by ``−shift`` (position ``(r, c)`` of the shifted
+    map holds ``((r + s_h) mod PH, (c + s_w) mod PW)``), then cut into windows row-major.
+    Returns ``source`` (windows, tokens): the flat ``h·W + w`` input position each token
+    holds, −1 in the padding; ``region`` (windows, tokens): the region of the shifted map the
+    token lies in (torchvision's nine slice assignments replayed in order; tokens of
+    different regions are masked); and whether the map is shifted. Input already in windows
+    (MaxViT: ``window_size`` None, ``(N, G, P, C)``): window ``g`` holds positions
+    ``g·P … g·P + P − 1``, unshifted."""
+    if step.window_size is None:
+        return (torch.arange(height * width).view(height, width),
+                torch.zeros(height, width, dtype=torch.long), False)
+    wh, ww = step.window_size
+    ph, pw = -(-height // wh) * wh, -(-width // ww) * ww
+    sh = 0 if wh >= ph else step.shift_size[0]  # a window covering the map is not shifted
+    sw = 0 if ww >= pw else step.shift_size[1]
+    shifted = sh + sw > 0
+    if not shifted:
+        sh = sw = 0
+    rows, cols = list(range(ph)), list(range(pw))
+    region: dict[tuple[int, int], int] = {}
+    count = 0
+    for h0, h1 in ((0, -wh), (-wh, -sh), (-sh, None)):
+        for w0, w1 in ((0, -ww), (-ww, -sw), (-sw, None)):
+            for r in rows[h0:h1]:
+                for c in cols[w0:w1]:
+                    region[r, c] = count
+            count += 1
+    source, regions = [], []
+    for a in range(ph // wh):
+        for b in range(pw // ww):
+            for i in range(wh):
+                for j in range(ww):
+                    r, c = a * wh + i, b * ww + j
+                    r0, c0 = (r + sh) % ph, (c + sw) % pw
+                    source.append(r0 * width + c0 if r0 < height and c0 < width else -1)
+                    regions.append(region.get((r, c), 0))
+    windows = (ph // wh) * (pw // ww)
+    return (torch.tensor(source).view(windows, wh * ww),
+            torch.tensor(regions).view(windows, wh * ww), shifted)
+
+
+def _window_attention(step: WindowAttention, x: torch.Tensor) -> dict:
+    """Swin's window attention in float64 from its definition: tokens gathered into windows
+    ``xw`` (N, K, L, C) (0 in the padding), ``q, k, v`` per head (N, K, H, L, d) from the packed
+    projection (V2: no key bias), scores ``q·kᵀ·scale`` (default ``1/√d``; V2: cosines times
+    ``exp(min(logit_scale, log 100))``) plus the relative position bias (V2: ``16·sigmoid``
+    of the position MLP) plus −100 between tokens of different regions, ``P`` their softmax,
+    ``o = P v`` (heads merged, (N, K, L, C)), ``out = o W_pᵀ + b_p`` and ``y`` the output
+    scattered back to the map."""
+    x = x.to(DTYPE)
+    n, height, width, c = x.shape
+    source, region, shifted = _window_layout(step, height, width)
+    windows, tokens = source.shape
+    valid = source >= 0
+    xw = torch.zeros(n, windows, tokens, c, dtype=DTYPE)
+    xw[:, valid] = x.reshape(n, height * width, c)[:, source[valid]]
+    heads = step.num_heads
+    d = c // heads
+    b = None if step.qkv_bias is None else step.qkv_bias.to(DTYPE).clone()
+    if b is not None and step.logit_scale is not None:
+        b[c:2 * c] = 0
+    qkv = torch.einsum("nkle,fe->nklf", xw, step.qkv_weight.to(DTYPE))
+    if b is not None:
+        qkv = qkv + b
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(n, windows, tokens, heads, d)
+               .permute(0, 1, 3, 2, 4) for i in range(3))
+    if step.logit_scale is not None:
+        unit_q = q / q.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        unit_k = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        scale = torch.exp(step.logit_scale.to(DTYPE).clamp(max=math.log(100.0)))  # (H, 1, 1)
+        scores = torch.einsum("nkhld,nkhsd->nkhls", unit_q, unit_k) * scale
+        w1, b1, w2, b2 = (None if t is None else t.to(DTYPE) for t in step.cpb_weights)
+        hidden = torch.einsum("...i,oi->...o", step.coords_table.to(DTYPE), w1)
+        hidden = (hidden + (0 if b1 is None else b1)).clamp(min=0)
+        table = torch.einsum("...i,oi->...o", hidden, w2) + (0 if b2 is None else b2)
+        table = table.reshape(-1, heads)
+    else:
+        scale = step.scale if step.scale is not None else d ** -0.5
+        scores = torch.einsum("nkhld,nkhsd->nkhls", q, k) * scale
+        table = step.bias_table.to(DTYPE)
+    bias = table[step.bias_index.reshape(-1)].view(tokens, tokens, heads).permute(2, 0, 1)
+    if step.logit_scale is not None:
+        bias = 16 / (1 + torch.exp(-bias))
+    scores = scores + bias
+    if shifted:
+        different = region[:, :, None] != region[:, None, :]          # (K, L, L)
+        scores = scores + torch.where(different, -100.0, 0.0).to(DTYPE)[None, :, None]
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))
+    p = e / e.sum(-1, keepdim=True)
+    o = torch.einsum("nkhls,nkhsd->nkhld", p, v).permute(0, 1, 3, 2, 4).reshape(
+        n, windows, tokens, c)
+    out = torch.einsum("nkle,fe->nklf", o, step.proj_weight.to(DTYPE))
+    if step.proj_bias is not None:
+        out = out + step.proj_bias.to(DTYPE)
+    y = torch.zeros(n, height * width, c, dtype=DTYPE)
+    y[:, source[valid]] = out[:, valid]
+    return {"xw": xw, "v": v, "p": p, "o": o, "y": y.view(x.shape), "source": source}
+
+
+def _window_attention_backward(step, r_z, x, formula, options) -> torch.Tensor:
+    """Window attention as the three linear sub-steps of :func:`_attention_backward`, each
+    an explicit per-sample matrix over all windows and tokens at once; the relevance at the
+    map is gathered into the windows (0 for padded tokens) and the tokens' relevance is
+    scattered back to the map (padded tokens dropped: their input is 0)."""
+    f = _window_attention(step, x)
+    n, height, width, c = x.shape
+    source, p, v = f["source"], f["p"], f["v"]
+    windows, tokens = source.shape
+    heads, d = step.num_heads, c // step.num_heads
+    valid = source >= 0
+    r = torch.zeros(n, windows, tokens, c, dtype=DTYPE)
+    r[:, valid] = r_z.to(DTYPE).reshape(n, height * width, c)[:, source[valid]]
+    r = r.reshape(n, -1)
+    size = windows * tokens
+    w_o = torch.kron(torch.eye(size, dtype=DTYPE), step.proj_weight.to(DTYPE))
+    b_o = None if step.proj_bias is None else step.proj_bias.to(DTYPE).repeat(size)
+    r = _dense_rule(f["o"].reshape(n, -1), w_o, b_o, r, formula, options)
+    # merged (N, K, L, H·d) → per head (N, K, H, L, d), as V is laid out
+    r = r.view(n, windows, tokens, heads, d).permute(0, 1, 3, 2, 4).reshape(n, -1)
+    # M[(k, h, l, e), (k', h', s, f)] = P[k, h, l, s] · δ_kk' · δ_hh' · δ_ef
+    mix = torch.einsum("nkhls,kK,hH,ef->nkhleKHsf", p, torch.eye(windows, dtype=DTYPE),
+                       torch.eye(heads, dtype=DTYPE), torch.eye(d, dtype=DTYPE))
+    mix = mix.reshape(n, size * c, size * c)
+    r = _dense_rule(v.reshape(n, -1), mix, None, r, formula, options)
+    r = r.view(n, windows, heads, tokens, d).permute(0, 1, 3, 2, 4).reshape(n, -1)
+    w_v = torch.kron(torch.eye(size, dtype=DTYPE), step.qkv_weight[2 * c:].to(DTYPE))
+    b_v = None if step.qkv_bias is None else step.qkv_bias[2 * c:].to(DTYPE).repeat(size)
+    r = _dense_rule(f["xw"].reshape(n, -1), w_v, b_v, r, formula, options)
+    r_x = torch.zeros(n, height * width, c, dtype=DTYPE)
+    r_x.index_add_(1, source[valid], r.view(n, windows, tokens, c)[:, valid])
+    return r_x.view(x.shape)
+
+
 def _gate_backward(step, r_z, signal, gate, formula, options) -> torch.Tensor:
     """``z = s ⊙ g`` with ``g`` a gate: the signal takes all. R-LRP: each output element's
     contribution ``c_j = s_j g_j R_j`` (``norm="neuron"``: divided by its absolute value
@@ -1027,5 +1183,14 @@ def _route_backward(step, r_z, inputs, winners, values) -> list[torch.Tensor]:
     if isinstance(step, Cat):
         return _route_by_index(lambda pos: torch.cat(pos, dim=step.dim),
                                [tuple(a.shape) for a in inputs], r_z)
+    if isinstance(step, Pad):  # positions padded with −1: the constants, dropped
+        a = inputs[0]
+        positions = torch.arange(a.numel()).view(a.shape)
+        padded = torch.nn.functional.pad(positions, tuple(_resolve(step.pad, values)),
+                                         value=-1).reshape(-1)
+        kept = padded >= 0
+        r_a = torch.zeros(a.numel(), dtype=DTYPE)
+        r_a.index_add_(0, padded[kept], r_z.reshape(-1).to(DTYPE)[kept])
+        return [r_a.view(a.shape)]
     raise NotImplementedError(f"the reference has no relevance for {type(step).__name__}")
 

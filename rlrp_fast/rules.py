@@ -31,7 +31,8 @@ from .numerics import (Rel, divide_into, l1_per_sample, per_channel, per_sample,
 import torch.nn.functional as F
 
 from .plan import (Add, Affine, Attention, Gate, LayerNorm, Plan, Pool, Scale, Step,
-                   scale_rows)
+                   WindowAttention, scale_rows)
+from . import window_attention as windows
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
 COMPOSITES = ("EpsilonPlus", "EpsilonGammaBox", "EpsilonPlusFlat")
@@ -348,6 +349,59 @@ class EpsilonAttention:
 
 
 @dataclass(frozen=True)
+class RlrpWindowAttention(RlrpAttention):
+    """Window attention (Swin, MaxViT): the relevance at the output reaches the windows
+    through the adjoint of the window layout (Swin: crop → zero padding, shift undone,
+    partition), then the three linear sub-steps of :class:`RlrpAttention` in every window at
+    once — output projection, value mixing with ``P`` held constant (position bias, shift
+    mask and V2's cosine scaling are all inside ``P``), value projection — each renormalised
+    with one scalar per sample over all windows, heads and tokens; back to the map through
+    the layout. Swin's padded tokens' values (their bias) take relevance at the mixing and
+    pass none on (their input is 0)."""
+
+    def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
+        dtype = r.value.dtype
+        terms = windows.attention_terms(step, inputs[0].to(dtype))
+        g = windows.to_windows(step, r.value * per_sample(r.unit_scale(), r.value),
+                               terms.geometry)
+        o = windows.merge_heads(terms.p @ terms.v)
+        g = windows.split_heads(_unit(self._linear(g, o, step.proj_weight)), step.num_heads)
+        if self.neuron:
+            g = safe_ratio(g, terms.p @ terms.v.abs())
+        r_v = windows.merge_heads(terms.v * (terms.p.transpose(-2, -1) @ g))
+        w_v, _ = windows.value_weight(step)
+        r_x = self._linear(_unit(r_v), terms.xw, w_v)
+        r_tilde = windows.from_windows(step, r_x, terms.geometry)
+        return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
+
+
+@dataclass(frozen=True)
+class EpsilonWindowAttention:
+    """The classic rules at window attention (Swin, MaxViT), as :class:`EpsilonAttention`
+    (LRP-ε on the value path, ``P`` held constant) inside the windows."""
+
+    epsilon: float
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        dtype = r.value.dtype
+        terms = windows.attention_terms(step, inputs[0].to(dtype))
+        g = windows.to_windows(step, r.value, terms.geometry)
+        pv = terms.p @ terms.v
+        o = windows.merge_heads(pv)
+        w_o = step.proj_weight.to(dtype)
+        out = F.linear(o, w_o, None if step.proj_bias is None else step.proj_bias.to(dtype))
+        g = windows.split_heads(o * ((g / stabilize(out, self.epsilon)) @ w_o), step.num_heads)
+        r_v = terms.v * (terms.p.transpose(-2, -1) @ (g / stabilize(pv, self.epsilon)))
+        v = windows.merge_heads(terms.v)
+        w_v, _ = windows.value_weight(step)
+        r_x = terms.xw * ((windows.merge_heads(r_v) / stabilize(v, self.epsilon))
+                          @ w_v.to(dtype))
+        return [Rel(windows.from_windows(step, r_x, terms.geometry))]
+
+
+@dataclass(frozen=True)
 class PassToSignal:
     """The classic rules at a gate or constant scale (zennit/LXT): the gate is a constant and
     the signal the only contributor to each output, so the signal receives the relevance
@@ -493,7 +547,8 @@ class PassTerms:
 # built and, for each plan step it is assigned to, builds the propagator above that does the
 # work (its modified weights prepared once, per dtype). Adding a rule is one subclass:
 # ``applies_to`` (the step kinds it has a meaning for) and ``propagator``.
-RULED_STEPS = (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention)  # the steps a rule is assigned to
+RULED_STEPS = (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention,
+               WindowAttention)  # the steps a rule is assigned to
 
 
 class Rule:
@@ -546,6 +601,8 @@ class RLRP(Rule):
             return RlrpLayerNorm(neuron)
         if isinstance(step, Attention):
             return RlrpAttention(neuron)
+        if isinstance(step, WindowAttention):
+            return RlrpWindowAttention(neuron)
         if isinstance(step, Affine):
             scale = None if step.channel_scale is None else step.channel_scale.to(dtype)
             weight = step.weight.to(dtype)
@@ -574,6 +631,8 @@ class Norm(Rule):
             return PassToSignal()
         if isinstance(step, Attention):  # LXT's: ε on the value path, P held constant
             return EpsilonAttention(self.stabilizer)
+        if isinstance(step, WindowAttention):
+            return EpsilonWindowAttention(self.stabilizer)
         return NormTerms(self.stabilizer)
 
 
@@ -592,7 +651,7 @@ class Epsilon(Rule):
     ``Epsilon(0)`` is LRP-0. An ``nn.MultiheadAttention`` whose output projection (a Linear)
     the composite maps to this rule gets ε on its value path (:class:`EpsilonAttention`)."""
 
-    applies_to = (Affine, Attention)
+    applies_to = (Affine, Attention, WindowAttention)
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         _check_number("epsilon", epsilon)
@@ -601,6 +660,8 @@ class Epsilon(Rule):
     def propagator(self, step, dtype):
         if isinstance(step, Attention):
             return EpsilonAttention(self.epsilon)
+        if isinstance(step, WindowAttention):
+            return EpsilonWindowAttention(self.epsilon)
         return EpsilonTerms(step.effective_weight(dtype), self.epsilon)
 
 
@@ -831,7 +892,7 @@ class Composite:
         return None
 
     def _rule_of(self, step: Step, module: nn.Module | None, first) -> Rule:
-        if isinstance(step, Attention):
+        if isinstance(step, (Attention, WindowAttention)):
             return self._attention_rule(step, module)
         if module is not None:
             if step.module in self.names:
@@ -852,18 +913,20 @@ class Composite:
         return self.base
 
 
-    def _attention_rule(self, step: Attention, module: nn.Module | None) -> Rule:
+    def _attention_rule(self, step: Step, module: nn.Module | None) -> Rule:
         """An attention module named in ``names`` gets that rule; else the rule its output
-        projection (a Linear) maps to when that rule has a meaning at attention (R-LRP, ε:
-        the dense layers' ε), else ``base``. ``scaled_dot_product_attention`` (no module)
-        gets ``base``."""
+        projection (a Linear: ``out_proj``; window attention's ``proj``/``merge``) maps to
+        when that rule has a meaning at attention (R-LRP, ε: the dense layers' ε), else
+        ``base``.
+        ``scaled_dot_product_attention`` (no module) gets ``base``."""
         if module is not None and step.module in self.names:
             return self.names[step.module]
-        out_proj = getattr(module, "out_proj", None)
+        out_proj = getattr(module, step.out_proj if isinstance(step, WindowAttention)
+                           else "out_proj", None)
         if isinstance(out_proj, nn.Linear):
             for types, rule in self.layer_map:
                 if isinstance(out_proj, types):
-                    return rule if Attention in rule.applies_to else self.base
+                    return rule if type(step) in rule.applies_to else self.base
         return self.base
 
 
@@ -923,7 +986,7 @@ def _describe(step: Step, module: nn.Module | None) -> str:
 def _kinds(kinds: tuple[type, ...]) -> str:
     words = {Affine: "Linear/Conv", Pool: "average pools and means", Scale: "lone BatchNorms",
              Add: "residual sums", Gate: "gated or scaled products", LayerNorm: "layer norms",
-             Attention: "attention"}
+             Attention: "attention", WindowAttention: "window attention"}
     return ", ".join(words[k] for k in kinds)
 
 

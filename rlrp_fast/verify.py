@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .capture import trace
 from .plan import Plan
 
 # relative to each sample's largest |logit| (deep nets in half precision round a lot)
@@ -112,5 +113,5 @@ def _graph_values(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
             return out
 
     with torch.no_grad():
-        Recorder(fx.symbolic_trace(model)).run(x.clone())
+        Recorder(trace(model)).run(x.clone())
     return values
