@@ -16,8 +16,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
-                   Plan, Pool, Reshape, Scale, Select, SlotRef, Step)
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta,
+                   Normalization, Plan, Pool, Reshape, Scale, Select, SlotRef, Step)
 
 SUPPORTED_OPS = (
     "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
@@ -26,7 +26,8 @@ SUPPORTED_OPS = (
     "ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid (modules, torch.* and F.* functions, tensor "
     "methods); the product of a tensor and a gate (a Sigmoid/Hardsigmoid output: "
     "squeeze-excitation), x * sigmoid(x), scaling by a parameter or number (layer scale); "
-    "LayerNorm (module and F.layer_norm); StochasticDepth (eval); "
+    "LayerNorm, GroupNorm, RMSNorm (modules and F.layer_norm, F.group_norm, F.rms_norm); "
+    "StochasticDepth (eval); "
     "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
     "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
     "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
@@ -100,6 +101,8 @@ _MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
              nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
 _AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE_AVGPOOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_NORMALIZATIONS = {nn.LayerNorm: "layer", nn.RMSNorm: "rms", nn.GroupNorm: "group"}
+_NORMALIZATION_FUNCTIONS = {F.layer_norm: "layer", F.rms_norm: "rms", F.group_norm: "group"}
 _PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                         nn.AlphaDropout)
 
@@ -398,8 +401,8 @@ class _Builder:
                       dilation=_tuple(module.dilation, dims), groups=module.groups)
         elif kind in _BATCHNORMS:
             self.on_batchnorm(node, module)
-        elif kind is nn.LayerNorm:
-            self.on_layer_norm(node, module)
+        elif kind in _NORMALIZATIONS:
+            self.on_normalization(node, _NORMALIZATIONS[kind], module)
         elif _functional_activation(module) is not None:
             self.emit(node, Activation, (src,), fn=_functional_activation(module))
         elif kind in _MAXPOOLS:
@@ -474,8 +477,8 @@ class _Builder:
             self.on_mul(node)
         elif getattr(fn, "__name__", "") == "stochastic_depth" and _stochastic_depth_off(node):
             self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
-        elif fn is F.layer_norm:
-            self.on_layer_norm(node)
+        elif fn in _NORMALIZATION_FUNCTIONS:
+            self.on_normalization(node, _NORMALIZATION_FUNCTIONS[fn])
         elif fn is F.scaled_dot_product_attention:
             self.on_sdpa(node)
         else:
@@ -564,21 +567,31 @@ class _Builder:
                                "indexing by a tensor or list (only ints, slices, None, ...)")
         self.emit(node, Select, (src,), fn=operator.getitem, args=self.refs((index,)))
 
-    def on_layer_norm(self, node: fx.Node, module: nn.Module | None = None) -> None:
+    def on_normalization(self, node: fx.Node, kind: str, module: nn.Module | None = None
+                         ) -> None:
+        """LayerNorm, RMSNorm, GroupNorm (``kind`` "layer", "rms", "group"), module or
+        ``F.*`` function, as one :class:`Normalization` step."""
         if module is not None:
-            shape, weight, bias, eps = (module.normalized_shape, module.weight, module.bias,
-                                        module.eps)
+            weight, bias = module.weight, getattr(module, "bias", None)
+            eps = module.eps
+            size = module.num_groups if kind == "group" else module.normalized_shape
         else:
-            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            names = {"layer": ("input", "normalized_shape", "weight", "bias", "eps"),
+                     "rms": ("input", "normalized_shape", "weight", "eps"),
+                     "group": ("input", "num_groups", "weight", "bias", "eps")}[kind]
             given = {**dict(zip(names, node.args)), **node.kwargs}
-            shape, eps = given["normalized_shape"], given.get("eps", 1e-5)
+            size = given[names[1]]
+            eps = given.get("eps", None if kind == "rms" else 1e-5)
             weight, bias = (self.constant_or_none(node, given.get(k)) for k in ("weight", "bias"))
-        if isinstance(shape, fx.Node) or isinstance(eps, fx.Node):
-            raise _unsupported(node, self.describe(node), "a shape or eps computed at run time")
-        self.emit(node, LayerNorm, (self.tensor_slot(node, node.args[0]),),
-                  normalized_shape=tuple(_tuple(shape, 1)),
+        if any(isinstance(v, fx.Node) for v in (eps, *_tuple(size, 1))):
+            raise _unsupported(node, self.describe(node), "a shape, group count or eps "
+                               "computed at run time")
+        shape = {} if kind == "group" else {"dims": tuple(range(-len(_tuple(size, 1)), 0))}
+        self.emit(node, Normalization, (self.tensor_slot(node, node.args[0]),), kind=kind,
                   weight=None if weight is None else weight.detach(),
-                  bias=None if bias is None else bias.detach(), eps=float(eps))
+                  bias=None if bias is None else bias.detach(),
+                  eps=None if eps is None else float(eps),
+                  num_groups=int(size) if kind == "group" else None, **shape)
 
     def constant_or_none(self, node: fx.Node, arg: Any) -> torch.Tensor | None:
         if arg is None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .backends import Backend
 from .backends.torch_backend import affine_forward, pool_forward
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
-                   Pool, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta, Plan,
+                   Normalization, Pool, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
-from .rules import Propagator, attention_forward
+from .rules import Propagator, attention_forward, normalization_forward
 
 
 @dataclass
@@ -71,10 +70,8 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
     if isinstance(step, Gate):
         signal, gate = args
         return signal * gate
-    if isinstance(step, LayerNorm):
-        x = args[0]
-        w, b = (None if t is None else t.to(x.dtype) for t in (step.weight, step.bias))
-        return F.layer_norm(x, step.normalized_shape, w, b, step.eps)
+    if isinstance(step, Normalization):
+        return normalization_forward(step, args[0])
     raise AssertionError(type(step))  # MaxPool/Reshape/Meta/Constant: handled by the caller
 
 
@@ -261,11 +258,11 @@ def _safe_inputs(step: Step, inputs: list[torch.Tensor], dtype: torch.dtype
                  ) -> list[torch.Tensor]:
     """:func:`_joint_unit_max` of a step's inputs, except attention's query and key (the
     softmax is not invariant to their scale; only the value's scale cancels), a gate (bounded,
-    and a constant gate has no batch dimension) and a layer norm's input (``σ = √(var + eps)``
+    and a constant gate has no batch dimension) and a normalisation's input (``σ = √(var + eps)``
     does not scale with it; ``x/σ`` is bounded anyway)."""
     if isinstance(step, (Attention, Gate)):  # a gate (or constant) is bounded: signal only
         return _joint_unit_max(inputs[:1], dtype) + [t.to(dtype) for t in inputs[1:]]
-    if isinstance(step, LayerNorm):
+    if isinstance(step, Normalization):
         return [t.to(dtype) for t in inputs]
     return _joint_unit_max(inputs, dtype)
 

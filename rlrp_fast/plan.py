@@ -15,7 +15,8 @@ Step kinds (one class each):
 - ``Gate``     a product with a gate (squeeze-excitation) or a constant (layer scale):
   relevance to the signal only.
 - ``Constant`` a parameter or number used directly in ``forward``.
-- ``LayerNorm`` layer normalisation, linear in its input with ``σ`` held constant.
+- ``Normalization`` LayerNorm, GroupNorm, RMSNorm (and a LayerNorm written out): linear in
+  its input with ``σ`` held constant.
 - ``Add``      residual sum of two or more tensors (constants added take nothing).
 - ``Cat``      concatenation; each input receives its slice (a constant's is dropped).
 - ``Attention`` ``nn.MultiheadAttention`` / ``F.scaled_dot_product_attention`` as one step:
@@ -170,15 +171,57 @@ class Constant(Step):
 
 
 @dataclass(frozen=True, eq=False)
-class LayerNorm(Step):
-    """``z = γ ⊙ (x − μ) / σ + β`` over the last ``len(normalized_shape)`` dims, ``σ`` the
-    biased standard deviation with ``eps``. For relevance ``σ`` is held constant, so it is the
-    linear map ``J = diag(γ/σ)(I − 11ᵀ/n)`` of each normalised group (RLRP_SPEC.md)."""
+class Normalization(Step):
+    """A normalisation layer, ``z = γ ⊙ (x − μ) / σ + β`` per normalised group, linear in
+    ``x`` for relevance with ``σ`` held constant: ``J = diag(γ/σ)(I − 11ᵀ/n)`` per group
+    (RLRP_SPEC.md, "Normalisation layers").
 
-    normalized_shape: tuple[int, ...]
+    ``kind`` says which: ``"layer"`` (LayerNorm, or one written out in ``forward``: groups
+    over ``dims``), ``"rms"`` (RMSNorm over ``dims``: no centring, ``σ = √(mean x² + eps)``,
+    no ``β``), ``"group"`` (GroupNorm: the channels (dim 1) split into ``num_groups``
+    groups, each with all its positions). ``σ`` is the biased standard deviation (RMS for
+    ``"rms"``) with ``eps``; ``eps`` None (RMSNorm's default) is ``torch.finfo(x.dtype).eps``.
+    ``weight``/``bias`` broadcast against ``x`` as stored, except for ``"group"``, where
+    they hold one value per channel (see :meth:`per_element`)."""
+
+    kind: str
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    eps: float
+    eps: float | None
+    dims: tuple[int, ...] = ()
+    num_groups: int | None = None
+
+    @property
+    def centred(self) -> bool:
+        return self.kind != "rms"
+
+    def trailing(self, ndim: int) -> bool:
+        """Whether ``dims`` are the last ones of an ``ndim``-dim input (LayerNorm's layout)."""
+        dims = sorted(d % ndim for d in self.dims)
+        return dims == list(range(ndim - len(dims), ndim))
+
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the input's shape) as ``(N, G, n)``: one row per normalised group."""
+        if self.kind == "group":
+            return t.reshape(t.shape[0], self.num_groups, -1)
+        moved = t.movedim(self.dims, tuple(range(-len(self.dims), 0)))
+        return moved.reshape(t.shape[0], -1, moved.shape[-len(self.dims):].numel())
+
+    def ungrouped(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`grouped`: ``(N, G, n)`` back to ``like``'s shape."""
+        if self.kind == "group":
+            return g.reshape(like.shape)
+        moved_shape = like.movedim(self.dims, tuple(range(-len(self.dims), 0))).shape
+        return g.reshape(moved_shape).movedim(tuple(range(-len(self.dims), 0)), self.dims)
+
+    def per_element(self, t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+        """``weight`` or ``bias`` shaped to broadcast against an ``ndim``-dim input."""
+        if t is None or self.kind != "group":
+            return t
+        return t.view(-1, *([1] * (ndim - 2)))
+
+    def epsilon(self, dtype: torch.dtype) -> float:
+        return torch.finfo(dtype).eps if self.eps is None else self.eps
 
 
 @dataclass(frozen=True, eq=False)

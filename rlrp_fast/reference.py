@@ -67,7 +67,7 @@ from typing import Sequence
 
 import torch
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta, Plan,
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta, Normalization, Plan,
                    Pool, Reshape, Scale, Select, SlotRef)
 
 DTYPE = torch.float64
@@ -432,8 +432,8 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
             out = args[0] * values[step.gate]
         elif isinstance(step, Constant):
             out = step.value.to(DTYPE)
-        elif isinstance(step, LayerNorm):
-            out = _layer_norm(step, args[0])
+        elif isinstance(step, Normalization):
+            out = _normalization(step, args[0])
         elif isinstance(step, Meta):
             out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
         else:
@@ -570,10 +570,10 @@ _CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ra
                   "zplus": _c_zplus, "alphabeta": _c_alphabeta,
                   "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare,
                   "pass": _c_pass}
-_MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "layer_norm", "pass_signal",
+_MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "normalization", "pass_signal",
                  "attention")
 # formulas of steps that are not a linear map of all their inputs (written out on their own)
-_ELEMENTWISE = ("gate", "layer_norm", "pass_signal", "attention", "attention_eps")
+_ELEMENTWISE = ("gate", "normalization", "pass_signal", "attention", "attention_eps")
 
 
 def contributions(formula: str, op: _LinearOp, a: torch.Tensor, z: torch.Tensor,
@@ -594,14 +594,14 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
     first_conv = next((k for k, s in enumerate(plan.steps)
                        if isinstance(s, Affine) and s.conv_dims), None)
     for k, step in enumerate(plan.steps):
-        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, Normalization, Attention)):
             continue
         if isinstance(step, Attention):
             out[k] = ("attention", {"norm": options["norm"]}) if rule == "rlrp" else (
                 "attention_eps", {"eps": _attention_epsilon(step, rule, options, stab)})
             continue
-        if isinstance(step, (Gate, LayerNorm)):  # the classic rules: the signal takes R
-            kind = "gate" if isinstance(step, Gate) else "layer_norm"
+        if isinstance(step, (Gate, Normalization)):  # the classic rules: the signal takes R
+            kind = "gate" if isinstance(step, Gate) else "normalization"
             out[k] = ((kind, {"norm": options["norm"]}) if rule == "rlrp"
                       else ("pass_signal", {}))
             continue
@@ -743,7 +743,7 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str | dict = "rlrp",
 def _check_assignment(plan: Plan, assignment: dict) -> dict[int, tuple[str, dict]]:
     """A per-step assignment, checked: exactly the linear steps, known formulas."""
     linear = {k for k, s in enumerate(plan.steps)
-              if isinstance(s, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention))}
+              if isinstance(s, (Affine, Pool, Scale, Add, Gate, Normalization, Attention))}
     if set(assignment) != linear:
         raise ValueError(f"the assignment must cover exactly the linear steps {sorted(linear)}; "
                          f"got {sorted(assignment)}")
@@ -786,8 +786,8 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
         if isinstance(step, Gate):
             parts = [_gate_backward(step, r_z, inputs[0], fw.values[step.gate], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
-        elif isinstance(step, LayerNorm):
-            parts = [_layer_norm_backward(step, r_z, inputs[0], *formulas[k])]
+        elif isinstance(step, Normalization):
+            parts = [_normalization_backward(step, r_z, inputs[0], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Attention):
             parts = [_attention_backward(step, r_z, inputs[0], fw.values[step.query],
@@ -838,43 +838,69 @@ def _linear_backward(k, step, fw, r_z, formula_params, records, inputs):
     return [part.view(n, *s) for part, s in zip(r_a.split(sizes, dim=1), op.in_shapes)]
 
 
-def _layer_norm_parts(step: LayerNorm, x: torch.Tensor):
-    """Per normalised group (rows of ``x`` flattened to (N, G, n)): ``σ`` and ``γ`` (n,)."""
-    n = math.prod(step.normalized_shape)
-    groups = x.to(DTYPE).reshape(x.shape[0], -1, n)
-    mean = groups.sum(2, keepdim=True) / n
-    sigma = torch.sqrt(((groups - mean) ** 2).sum(2, keepdim=True) / n + step.eps)
-    gamma = (torch.ones(n, dtype=DTYPE) if step.weight is None
-             else step.weight.to(DTYPE).reshape(n))
-    return groups, mean, sigma, gamma, n
+def _normalization_parts(step: Normalization, x: torch.Tensor):
+    """One sample's elements (flattened) with the group each belongs to: ``x`` (N, I), the
+    group matrix ``same`` (I, I) (1 where elements ``i`` and ``j`` are normalised together),
+    the group size ``n``, ``μ`` and ``σ`` of each element's group (N, I), and ``γ``, ``β``
+    per element (I,). LayerNorm/RMSNorm group the elements that differ only in ``dims``;
+    GroupNorm those whose channel (dim 1) is in the same block of ``C / num_groups``."""
+    shape = tuple(x.shape[1:])
+    coords = torch.meshgrid(*[torch.arange(k) for k in shape], indexing="ij")
+    if step.kind == "group":
+        group = coords[0] // (shape[0] // step.num_groups)
+    else:  # the coordinates outside ``dims`` name the group
+        normalised = {d % (len(shape) + 1) - 1 for d in step.dims}
+        kept = [k for k in range(len(shape)) if k not in normalised]
+        group = _ravel([coords[k] for k in kept], [shape[k] for k in kept]) if kept \
+            else torch.zeros(shape, dtype=torch.long)
+    group = group.reshape(-1)
+    same = (group[:, None] == group[None, :]).to(DTYPE)
+    n = same.sum(1)                                                   # (I,) its group's size
+    flat = x.to(DTYPE).reshape(x.shape[0], -1)
+    eps = torch.finfo(DTYPE).eps if step.eps is None else step.eps
+    if step.kind == "rms":
+        mean = torch.zeros_like(flat)
+        sigma = torch.sqrt(flat ** 2 @ same / n + eps)
+    else:
+        mean = flat @ same / n
+        sigma = torch.sqrt((flat - mean) ** 2 @ same / n + eps)
+    def per_element(t):
+        if t is None:
+            return None
+        t = t.to(DTYPE)
+        if step.kind == "group":
+            t = t.view(-1, *([1] * (len(shape) - 1)))
+        return torch.broadcast_to(t, shape).reshape(-1)
+    ones = torch.ones(flat.shape[1], dtype=DTYPE)
+    gamma = per_element(step.weight)
+    return flat, same, n, mean, sigma, ones if gamma is None else gamma, per_element(step.bias)
 
 
-def _layer_norm(step: LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    groups, mean, sigma, gamma, _ = _layer_norm_parts(step, x)
-    out = (groups - mean) / sigma * gamma
-    if step.bias is not None:
-        out = out + step.bias.to(DTYPE).reshape(-1)
-    return out.view(x.shape)
+def _normalization(step: Normalization, x: torch.Tensor) -> torch.Tensor:
+    flat, _, _, mean, sigma, gamma, beta = _normalization_parts(step, x)
+    out = (flat - mean) / sigma * gamma
+    return (out if beta is None else out + beta).view(x.shape)
 
 
-def _layer_norm_backward(step, r_z, x, formula, options) -> torch.Tensor:
-    """σ held constant, each group is the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``: R-LRP's
-    contributions ``c_ij = x_i J_ji R_j`` (``norm="neuron"``: divided by
-    ``s_j = Σ_i |x_i J_ji|``), written out as the full matrix per group, then renormalised per
+def _normalization_backward(step, r_z, x, formula, options) -> torch.Tensor:
+    """σ held constant, a normalisation is the linear map
+    ``J_ji = γ_j/σ_j (δ_ji − [i, j in one group]/n)`` (RMSNorm: ``γ_j/σ_j δ_ji``) on the
+    whole sample: R-LRP's contributions ``c_ij = x_i J_ji R_j`` (``norm="neuron"``: divided
+    by ``s_j = Σ_i |x_i J_ji|``), written out as the full matrix, then renormalised per
     sample. Classic rules: identity (LXT)."""
     if formula == "pass_signal":
         return r_z.to(DTYPE)
-    groups, _, sigma, gamma, n = _layer_norm_parts(step, x)
-    r = r_z.to(DTYPE).reshape(groups.shape)
-    centring = torch.eye(n, dtype=DTYPE) - 1.0 / n                    # (I − 11ᵀ/n)[j, i]
-    jac = (gamma[:, None] / sigma[..., None]) * centring              # (N, G, n_j, n_i)
-    c = groups[:, :, None, :] * jac * r[..., None]                    # c[n, g, j, i]
+    flat, same, n, _, sigma, gamma, _ = _normalization_parts(step, x)
+    eye = torch.eye(flat.shape[1], dtype=DTYPE)
+    centring = eye if step.kind == "rms" else eye - same / n[:, None]  # [j, i]
+    jac = (gamma / sigma)[:, :, None] * centring                      # (N, J, I)
+    r = r_z.to(DTYPE).reshape(flat.shape)
+    c = flat[:, None, :] * jac * r[:, :, None]                        # c[n, j, i]
     if options["norm"] == "neuron":
-        s = (groups[:, :, None, :] * jac).abs().sum(3, keepdim=True)
+        s = (flat[:, None, :] * jac).abs().sum(2, keepdim=True)
         c = torch.where(s > 0, c / torch.where(s > 0, s, torch.ones_like(s)),
                         torch.zeros_like(c))
-    r_tilde = c.sum(2).reshape(x.shape[0], -1)
-    return _renormalise(r_tilde, r_z.reshape(x.shape[0], -1)).view(x.shape)
+    return _renormalise(c.sum(1), r).view(x.shape)
 
 
 def _cat_with_constants(step, r_z, values, keeps_mass) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, 
                        stabilize)
 import torch.nn.functional as F
 
-from .plan import (Add, Affine, Attention, Gate, LayerNorm, Plan, Pool, Scale, Step,
+from .plan import (Add, Affine, Attention, Gate, Normalization, Plan, Pool, Scale, Step,
                    scale_rows)
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
@@ -199,12 +199,38 @@ class RlrpGate:
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
+def normalization_sigma(step: Normalization, x: torch.Tensor) -> torch.Tensor:
+    """``σ`` per normalised group, ``(N, G, 1)``: the forward's own ``√(biased var + eps)``
+    (``√(mean x² + eps)`` for RMSNorm), never smaller than ``√eps``."""
+    groups = step.grouped(x)
+    spread = (groups.var(-1, correction=0, keepdim=True) if step.centred
+              else groups.square().mean(-1, keepdim=True))
+    return torch.sqrt(spread + step.epsilon(x.dtype))
+
+
+def normalization_forward(step: Normalization, x: torch.Tensor) -> torch.Tensor:
+    """The step's output, computed as torch computes it (written out for a LayerNorm over
+    dims other than the last ones)."""
+    w, b = (None if t is None else t.to(x.dtype) for t in (step.weight, step.bias))
+    if step.kind == "group":
+        return F.group_norm(x, step.num_groups, w, b, step.eps)
+    shape = tuple(x.shape[d] for d in step.dims)
+    if step.kind == "rms":
+        return F.rms_norm(x, shape, w, step.eps)
+    if step.trailing(x.dim()):
+        return F.layer_norm(x, shape, w, b, step.eps)
+    mean = x.mean(step.dims, keepdim=True)
+    out = (x - mean) / torch.sqrt(x.var(step.dims, correction=0, keepdim=True) + step.eps)
+    out = out if w is None else out * w
+    return out if b is None else out + b
+
+
 @dataclass(frozen=True)
-class RlrpLayerNorm:
-    """Layer normalisation with ``σ`` held constant: the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``
-    per normalised group, ``R̃_x = x ⊙ (Jᵀ R)`` (``norm="neuron"``: ``Jᵀ (R / s)`` with
-    ``s = |J||x| = |γ/σ| ⊙ ((1 − 2/n)|x| + Σ|x|/n)``), renormalised per sample. ``σ`` is the
-    forward's own ``√(biased var + eps)``, never small."""
+class RlrpNormalization:
+    """A normalisation with ``σ`` held constant: the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``
+    per normalised group (RMSNorm: ``diag(γ/σ)``), ``R̃_x = x ⊙ (Jᵀ R)`` (``norm="neuron"``:
+    ``Jᵀ (R / s)`` with ``s = |J||x| = |γ/σ| ⊙ ((1 − 2/n)|x| + Σ|x|/n)``, RMSNorm
+    ``|γ x/σ|``), renormalised per sample. ``σ`` is the forward's own, never small."""
 
     neuron: bool = False
     needs_output = False
@@ -213,16 +239,23 @@ class RlrpLayerNorm:
         r, plain = _carry(r)
         g = r.value
         x = inputs[0].to(g.dtype)
-        dims = tuple(range(-len(step.normalized_shape), 0))
-        n = math.prod(step.normalized_shape)
-        sigma = torch.sqrt(x.var(dims, correction=0, keepdim=True) + step.eps)
-        scale = 1 / sigma if step.weight is None else step.weight.to(g.dtype) / sigma
+        sigma = normalization_sigma(step, x)                         # (N, G, 1)
+        gamma = step.per_element(step.weight, x.dim())
+        if gamma is not None:
+            gamma = gamma.to(g.dtype)
         if self.neuron:
             size = x.abs()
-            s = scale.abs() * ((1 - 2 / n) * size + size.sum(dims, keepdim=True) / n)
+            if step.centred:
+                rows = step.grouped(size)
+                n = rows.shape[-1]
+                size = step.ungrouped((1 - 2 / n) * rows + rows.sum(-1, keepdim=True) / n, x)
+            s = step.ungrouped(step.grouped(size if gamma is None else size * gamma.abs())
+                               / sigma, x)
             g = safe_ratio(g, s)
-        u = g * scale
-        r_tilde = x * (u - u.mean(dims, keepdim=True))
+        u = step.grouped(g if gamma is None else g * gamma) / sigma     # diag(γ/σ) R
+        if step.centred:
+            u = u - u.mean(-1, keepdim=True)                            # (I − 11ᵀ/n)
+        r_tilde = x * step.ungrouped(u, x)
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
@@ -342,7 +375,7 @@ class EpsilonAttention:
 class PassToSignal:
     """The classic rules at a gate or constant scale (zennit/LXT): the gate is a constant and
     the signal the only contributor to each output, so the signal receives the relevance
-    itself; at a layer norm, LXT's identity through the normalisation."""
+    itself; at a normalisation layer, LXT's identity through it."""
 
     needs_output = False
 
@@ -484,7 +517,7 @@ class PassTerms:
 # built and, for each plan step it is assigned to, builds the propagator above that does the
 # work (its modified weights prepared once, per dtype). Adding a rule is one subclass:
 # ``applies_to`` (the step kinds it has a meaning for) and ``propagator``.
-RULED_STEPS = (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention)  # the steps a rule is assigned to
+RULED_STEPS = (Affine, Pool, Scale, Add, Gate, Normalization, Attention)  # the steps a rule is assigned to
 
 
 class Rule:
@@ -494,7 +527,7 @@ class Rule:
     Subclasses set ``applies_to`` (the plan step kinds the rule has a meaning for: ``Affine``
     is a Linear/ConvNd, ``Pool`` an average pool or mean, ``Scale`` a BatchNorm with nothing
     to fold into, ``Add`` a residual sum, ``Gate`` a product with a gate or constant,
-    ``LayerNorm`` a layer norm) and implement :meth:`propagator`."""
+    ``Normalization`` a layer/group/RMS norm) and implement :meth:`propagator`."""
 
     applies_to: tuple[type, ...] = (Affine,)
 
@@ -533,8 +566,8 @@ class RLRP(Rule):
         neuron = self.norm == "neuron"
         if isinstance(step, Gate):
             return RlrpGate(neuron)
-        if isinstance(step, LayerNorm):
-            return RlrpLayerNorm(neuron)
+        if isinstance(step, Normalization):
+            return RlrpNormalization(neuron)
         if isinstance(step, Attention):
             return RlrpAttention(neuron)
         if isinstance(step, Affine):
@@ -561,7 +594,7 @@ class Norm(Rule):
     def propagator(self, step, dtype):
         if isinstance(step, Affine):
             return EpsilonTerms(step.effective_weight(dtype), self.stabilizer)
-        if isinstance(step, (Gate, LayerNorm)):  # the base rules' convention (zennit/LXT)
+        if isinstance(step, (Gate, Normalization)):  # the base rules' convention (zennit/LXT)
             return PassToSignal()
         if isinstance(step, Attention):  # LXT's: ε on the value path, P held constant
             return EpsilonAttention(self.stabilizer)
@@ -570,9 +603,9 @@ class Norm(Rule):
 
 class Pass(Rule):
     """zennit's ``Pass``: relevance goes on unchanged. Activations get it by default; of
-    the other steps a lone BatchNorm, a gate's signal and a layer norm can take it."""
+    the other steps a lone BatchNorm, a gate's signal and a normalisation layer can take it."""
 
-    applies_to = (Scale, Gate, LayerNorm)
+    applies_to = (Scale, Gate, Normalization)
 
     def propagator(self, step, dtype):
         return PassTerms() if isinstance(step, Scale) else PassToSignal()
@@ -913,7 +946,7 @@ def _describe(step: Step, module: nn.Module | None) -> str:
 
 def _kinds(kinds: tuple[type, ...]) -> str:
     words = {Affine: "Linear/Conv", Pool: "average pools and means", Scale: "lone BatchNorms",
-             Add: "residual sums", Gate: "gated or scaled products", LayerNorm: "layer norms",
+             Add: "residual sums", Gate: "gated or scaled products", Normalization: "normalisation layers",
              Attention: "attention"}
     return ", ".join(words[k] for k in kinds)
 
