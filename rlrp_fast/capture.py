@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -45,10 +46,28 @@ class UnsupportedModelError(ValueError):
     """The model contains something the plan cannot explain."""
 
 
+class _TensorAsShape(Exception):
+    """Internal: a tensor node met where a shape argument was expected."""
+
+
 def _unsupported(node: fx.Node, what: str, why: str = "it is not supported") -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"cannot explain {what} (node {node.name!r}): {why}. Supported: {SUPPORTED_OPS}."
+        f"cannot explain {what} (node {node.name!r}, {_enclosing_module(node)}): {why}. "
+        f"Supported: {SUPPORTED_OPS}."
     )
+
+
+def _enclosing_module(node: fx.Node) -> str:
+    """The innermost module whose ``forward`` made ``node``, by qualified name and type (fx
+    records the stack while tracing): where in a large model to look."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, kind = list(stack.values())[-1]
+        name = getattr(kind, "__name__", str(kind))
+        return f"in module {path!r} ({name})"
+    root = node.graph.owning_module
+    return f"in the model's own forward ({type(root).__name__})" if root is not None \
+        else "in the model's own forward"
 
 
 def _functional_activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -275,11 +294,14 @@ class _Builder:
         def convert(arg):
             if arg in self.is_meta:
                 return SlotRef(self.slot_of[arg])
-            raise ValueError(arg)
+            raise _TensorAsShape(arg)
         try:
             return fx.node.map_arg(obj, convert)
-        except ValueError as exc:
-            raise UnsupportedModelError(f"a tensor ({exc}) is used as a shape argument") from None
+        except _TensorAsShape as exc:
+            tensor = exc.args[0]
+            raise UnsupportedModelError(
+                f"a tensor ({tensor.name}, {_enclosing_module(tensor)}) is used as a shape "
+                "argument") from None
 
     def emit(self, node: fx.Node, cls, inputs: tuple[int, ...], **fields) -> None:
         module = str(node.target) if node.op == "call_module" else None
@@ -308,7 +330,15 @@ class _Builder:
     def build(self) -> Plan:
         nodes = list(self.gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(nodes)}
+        written = [m for m in map(_match_written_layer_norm, nodes) if m is not None]
+        absorbed = {n for m in written for n in m.nodes - {m.end}}
+        written_at = {m.end: m for m in written}
         for node in nodes:
+            if node in absorbed:
+                continue
+            if node in written_at:
+                self.on_written_layer_norm(node, written_at[node])
+                continue
             handler = getattr(self, f"on_{node.op}")
             handler(node)
             mutated = _mutated_operand(node, self.gm)
@@ -593,6 +623,14 @@ class _Builder:
                   eps=None if eps is None else float(eps),
                   num_groups=int(size) if kind == "group" else None, **shape)
 
+    def on_written_layer_norm(self, node: fx.Node, norm: _WrittenLayerNorm) -> None:
+        """A layer norm written out in ``forward``: the same step as ``nn.LayerNorm`` over
+        its dims (RLRP_SPEC.md: recognised where the pattern is exact)."""
+        weight, bias = (None if t is None else _constant_value(t, self.gm)
+                        for t in (norm.weight, norm.bias))
+        self.emit(node, Normalization, (self.tensor_slot(node, norm.x),), kind="layer",
+                  weight=weight, bias=bias, eps=norm.eps, dims=norm.dims)
+
     def constant_or_none(self, node: fx.Node, arg: Any) -> torch.Tensor | None:
         if arg is None:
             return None
@@ -799,6 +837,176 @@ class _Builder:
             raise _unsupported(node, self.describe(node), "dims computed at run time")
         self.emit(node, Pool, (src,), kind="mean", dims=0,
                   params=dict(dims=dims, keepdim=bool(keepdim)))
+
+
+@dataclass(frozen=True)
+class _WrittenLayerNorm:
+    """A layer norm written out in ``forward`` (the original ConvNeXt's channels-first one):
+    ``(x − mean) / sqrt(var + eps)``, optionally ``· weight + bias`` (constants); ``nodes``
+    are the ones it replaces, ``end`` the node whose value it is."""
+
+    x: fx.Node
+    dims: tuple[int, ...]
+    eps: float
+    weight: fx.Node | None
+    bias: fx.Node | None
+    nodes: frozenset
+    end: fx.Node
+
+
+def _call(node: Any, *names) -> bool:
+    """``node`` calls the function or method named ``names`` (``"sub"`` matches
+    ``operator.sub``, ``torch.sub`` and ``Tensor.sub``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in names
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None) in names and \
+            getattr(node.target, "__module__", "") in ("_operator", "operator", "torch")
+    return False
+
+
+def _reduce_dims(node: fx.Node, fn: str, **required) -> tuple[int, ...] | None:
+    """The dims of ``x.mean(dims, keepdim=True)`` (``fn`` "mean") or of a biased
+    ``x.var(dims, keepdim=True, correction=0 | unbiased=False)`` (``fn`` "var"), else None."""
+    if not _call(node, fn) or len(node.args) > 2:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "dim"}
+    if fn == "var":
+        biased = kwargs.pop("correction", None) == 0 or kwargs.pop("unbiased", True) is False
+        kwargs.pop("unbiased", None)
+        if not biased:
+            return None
+    if kwargs != {"keepdim": True}:
+        return None
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or \
+            not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims)
+
+
+def _is_square_of(node: Any, base: Callable[[Any], bool]) -> fx.Node | None:
+    """``node`` is ``t ** 2``, ``t.pow(2)`` or ``t * t`` with ``base(t)``: returns ``t``."""
+    if _call(node, "pow") and len(node.args) == 2 and node.args[1] == 2 and \
+            base(node.args[0]):
+        return node.args[0]
+    if _call(node, "mul") and len(node.args) == 2 and node.args[0] is node.args[1] and \
+            base(node.args[0]):
+        return node.args[0]
+    return None
+
+
+def _match_written_layer_norm(end: fx.Node) -> _WrittenLayerNorm | None:
+    """``end`` = ``(x − μ) / sqrt(v + eps)`` or ``(x − μ) * rsqrt(v + eps)``, ``μ`` the mean
+    of ``x`` over some dims (keepdim), ``v`` the biased variance over the same dims written
+    as ``mean((x − μ)²)`` or ``var(x, correction=0)``; then an optional ``weight · _`` and
+    ``_ + bias`` of constants. None unless the pattern is exact and its inner values are
+    used nowhere else."""
+    if _call(end, "truediv", "div") and len(end.args) == 2:
+        centred, root = end.args
+        if not _call(root, "sqrt"):
+            return None
+    elif _call(end, "mul") and len(end.args) == 2 and _call(end.args[1], "rsqrt"):
+        centred, root = end.args
+    else:
+        return None
+    if not (_call(centred, "sub") and len(centred.args) == 2 and not centred.kwargs):
+        return None
+    x, mean = centred.args
+    dims = _reduce_dims(mean, "mean") if isinstance(mean, fx.Node) else None
+    if dims is None or mean.args[0] is not x:
+        return None
+    shifted = root.args[0] if len(root.args) == 1 else None
+    if not (_call(shifted, "add") and len(shifted.args) == 2 and not shifted.kwargs):
+        return None
+    spread, eps = shifted.args
+    if isinstance(spread, (int, float)):
+        spread, eps = eps, spread
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not isinstance(
+            spread, fx.Node):
+        return None
+    nodes = {end, centred, mean, root, shifted, spread}
+    if _reduce_dims(spread, "var") == dims and spread.args[0] is x:
+        pass
+    elif _reduce_dims(spread, "mean") == dims:
+        def is_centred(t):
+            return t is centred or (_call(t, "sub") and t.args == (x, mean) and not t.kwargs)
+        square = spread.args[0]
+        base = _is_square_of(square, is_centred)
+        if base is None:
+            return None
+        nodes |= {square, base}
+    else:
+        return None
+    for inner in nodes - {end}:  # each inner value feeds the pattern only
+        if any(user not in nodes for user in inner.users):
+            return None
+    weight = bias = None
+    users = list(end.users)
+    if len(users) == 1 and _call(users[0], "mul") and len(users[0].args) == 2:
+        other = [a for a in users[0].args if a is not end]
+        if len(other) == 1 and _constant_expression(other[0]):
+            weight, end = other[0], users[0]
+            nodes |= {end, *_expression_nodes(weight)}
+            users = list(end.users)
+    if len(users) == 1 and _call(users[0], "add") and len(users[0].args) == 2 and \
+            not users[0].kwargs:
+        other = [a for a in users[0].args if a is not end]
+        if len(other) == 1 and _constant_expression(other[0]):
+            bias, end = other[0], users[0]
+            nodes |= {end, *_expression_nodes(bias)}
+    return _WrittenLayerNorm(x, dims, float(eps), weight, bias, frozenset(nodes), end)
+
+
+_CONSTANT_VIEWS = ("view", "reshape", "unsqueeze", "getitem")
+
+
+def _constant_expression(node: Any) -> bool:
+    """A parameter or buffer, possibly indexed by ``None``/slices or reshaped with literal
+    arguments (``self.weight[:, None, None]``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        return True
+    if not (_call(node, *_CONSTANT_VIEWS) and len(node.users) == 1):
+        return False
+    literal = not any(isinstance(a, fx.Node) for a in _flatten((node.args[1:], node.kwargs)))
+    return literal and _constant_expression(node.args[0])
+
+
+def _expression_nodes(node: fx.Node) -> list[fx.Node]:
+    """The views of a :func:`_constant_expression` (its ``get_attr`` stays a node of its own)."""
+    out = []
+    while node.op != "get_attr":
+        out.append(node)
+        node = node.args[0]
+    return out
+
+
+def _flatten(obj) -> list:
+    if isinstance(obj, (tuple, list)):
+        return [x for o in obj for x in _flatten(o)]
+    if isinstance(obj, dict):
+        return [x for o in obj.values() for x in _flatten(o)]
+    if isinstance(obj, slice):
+        return [obj.start, obj.stop, obj.step]
+    return [obj]
+
+
+def _constant_value(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor:
+    """The value of a :func:`_constant_expression` (a view of the model's own tensor)."""
+    if node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value.detach()
+    base = _constant_value(node.args[0], gm)
+    if node.op == "call_function":  # operator.getitem
+        return base[node.args[1]]
+    return getattr(base, node.target)(*node.args[1:], **node.kwargs)
 
 
 def _stochastic_depth_off(node: fx.Node) -> bool:

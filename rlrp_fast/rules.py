@@ -217,7 +217,7 @@ def normalization_forward(step: Normalization, x: torch.Tensor) -> torch.Tensor:
     shape = tuple(x.shape[d] for d in step.dims)
     if step.kind == "rms":
         return F.rms_norm(x, shape, w, step.eps)
-    if step.trailing(x.dim()):
+    if step.trailing(x.dim()) and all(t is None or t.shape == shape for t in (w, b)):
         return F.layer_norm(x, shape, w, b, step.eps)
     mean = x.mean(step.dims, keepdim=True)
     out = (x - mean) / torch.sqrt(x.var(step.dims, correction=0, keepdim=True) + step.eps)

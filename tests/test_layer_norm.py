@@ -242,3 +242,89 @@ def test_sigma_is_held_constant_not_differentiated():
     want = want * e.relevance.abs().sum() / want.abs().sum()
     torch.testing.assert_close(e.relevance, want)
     torch.testing.assert_close(reference_explain(plan, x)[0], want)
+
+
+class WrittenLayerNorm(nn.Module):
+    """Layer norms written out in ``forward``: ``how`` picks the spelling."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.weight, self.bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        if self.how == "convnext":  # the original ConvNeXt's channels-first LayerNorm
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            x = (x - u) / torch.sqrt(s + self.eps)
+            return self.weight[:, None, None] * x + self.bias[:, None, None]
+        if self.how == "rsqrt":  # over the last dim, var(correction=0), no affine
+            h = x.permute(0, 2, 3, 1)
+            h = (h - torch.mean(h, dim=-1, keepdim=True)) * torch.rsqrt(
+                h.var(-1, keepdim=True, correction=0) + 1e-5)
+            return h.permute(0, 3, 1, 2)
+        if self.how == "square":  # (x − μ)·(x − μ), eps first, weight only, two dims
+            u = x.mean((2, 3), keepdim=True)
+            c = x - u
+            return (c / (1e-5 + (c * c).mean((2, 3), keepdim=True)).sqrt()) * self.weight.view(4, 1, 1)
+        if self.how == "unbiased":  # the sample variance: not LayerNorm's
+            u = x.mean(1, keepdim=True)
+            return (x - u) / torch.sqrt(x.var(1, keepdim=True) + self.eps)
+        if self.how == "mean_reused":  # μ is read again: not only a normalisation
+            u = x.mean(1, keepdim=True)
+            return (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + self.eps) + u
+        raise AssertionError(self.how)
+
+
+def written_net(how: str) -> nn.Module:
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), WrittenLayerNorm(how), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+
+
+@pytest.mark.parametrize("how", ["convnext", "rsqrt", "square"])
+@pytest.mark.parametrize("rule,options", CASES, ids=[f"{r}{o}" for r, o in CASES])
+def test_a_layer_norm_written_out_is_one_normalization_step(how, rule, options):
+    model = written_net(how)
+    plan = capture(model)
+    (step,) = [s for s in plan.steps if isinstance(s, Normalization)]
+    assert step.kind == "layer" and [type(s).__name__ for s in plan.steps].count("Gate") == 0
+    assert (step.weight is None) == (how == "rsqrt") and (step.bias is None) == (how != "convnext")
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    fast = rlrp_fast.Explainer(model, rule=rule, backend="torch", **options).explain(x)
+    ref, logits = reference_explain(plan, x, rule=rule, **options)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.relevance, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_a_written_out_layer_norm_equals_the_module():
+    """Written out over the channels, it is the same step as nn.LayerNorm over channels-last
+    input (what torchvision's ConvNeXt does): same maps."""
+    written = written_net("convnext")
+    norm = written[1]
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(4, eps=norm.eps)
+            with torch.no_grad():
+                self.ln.weight.copy_(norm.weight)
+                self.ln.bias.copy_(norm.bias)
+
+        def forward(self, x):
+            return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    module = nn.Sequential(written[0], ChannelsLast(), *written[2:]).double().eval()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    for norm_kind in ("layer", "neuron"):
+        a = rlrp_fast.Explainer(written, norm=norm_kind).explain(x)
+        b = rlrp_fast.Explainer(module, norm=norm_kind).explain(x)
+        torch.testing.assert_close(a.relevance, b.relevance, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("how", ["unbiased", "mean_reused"])
+def test_a_normalisation_that_is_not_layer_norm_is_refused_by_name(how):
+    with pytest.raises(rlrp_fast.UnsupportedModelError, match=r"in module '1' \(WrittenLayerNorm\)"):
+        rlrp_fast.Explainer(written_net(how))
