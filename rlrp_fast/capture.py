@@ -35,9 +35,9 @@ SUPPORTED_OPS = (
     "tensor + tensor and tensor + parameter/buffer (a position embedding; operator +, +=, "
     "torch.add, Tensor.add); torch.cat (also of a parameter: a class token); expand of a "
     "parameter; chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
-    "nn.MultiheadAttention (batch_first=True, packed or separate in-projections, no masks, "
-    "no bias_k/bias_v, no add_zero_attn) and F.scaled_dot_product_attention (no mask, no "
-    "dropout, not causal); shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
+    "nn.MultiheadAttention (batch first or not, packed or separate in-projections, attn_mask, "
+    "key_padding_mask, is_causal; no bias_k/bias_v, no add_zero_attn) and "
+    "F.scaled_dot_product_attention (attn_mask or is_causal; no dropout, no enable_gqa); shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
     "torch._assert)"
 )
 
@@ -768,25 +768,29 @@ class _Builder:
         self.const_slots.add(self.slot_of[node])
 
     def on_multihead_attention(self, node: fx.Node, module: nn.MultiheadAttention) -> None:
-        """``nn.MultiheadAttention`` as one :class:`Attention` step (batch first, no masks)."""
+        """``nn.MultiheadAttention`` as one :class:`Attention` step (masks are read, as the
+        query and key are: they shape ``P``, which is held constant)."""
         what = f"module {node.target!r} (MultiheadAttention)"
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                  "average_attn_weights", "is_causal")
         given = {**dict(zip(names, node.args)), **node.kwargs}
-        for opt in ("key_padding_mask", "attn_mask"):
-            if given.get(opt) is not None:
-                raise _unsupported(node, what, f"{opt} (attention masks are not supported)")
-        if given.get("is_causal", False) is not False:
-            raise _unsupported(node, what, "is_causal=True (attention masks are not supported)")
-        if not module.batch_first:
-            raise _unsupported(node, what, "batch_first=False (rlrp_fast needs the batch as "
-                               "the first dimension of every tensor)")
+        flags = {k: given.get(k, k == "need_weights") for k in ("need_weights", "is_causal")}
+        if any(isinstance(v, fx.Node) for v in flags.values()):
+            raise _unsupported(node, what, "need_weights or is_causal computed at run time")
+        if flags["is_causal"] and given.get("attn_mask") is None:
+            raise _unsupported(node, what, "is_causal=True without attn_mask (torch needs the "
+                               "mask too; pass it)")
         if module.bias_k is not None or module.bias_v is not None:
             raise _unsupported(node, what, "bias_k/bias_v (add_bias_kv=True)")
         if module.add_zero_attn:
             raise _unsupported(node, what, "add_zero_attn=True")
         if module.training and module.dropout > 0:
             raise _unsupported(node, what, "dropout in training mode (call model.eval())")
+        # torch's own reading of is_causal: a hint that replaces attn_mask by the causal
+        # mask only without a padding mask and without weights; otherwise attn_mask is used
+        causal = bool(flags["is_causal"]) and given.get("key_padding_mask") is None and \
+            not flags["need_weights"]
+        mask = None if causal else self.mask_slot(node, given.get("attn_mask"))
         if module.in_proj_weight is not None:
             wq, wk, wv = module.in_proj_weight.detach().chunk(3)
         else:
@@ -801,8 +805,20 @@ class _Builder:
                   key=self.tensor_slot(node, given["key"]), num_heads=module.num_heads,
                   q_weight=wq, k_weight=wk, v_weight=wv, q_bias=bq, k_bias=bk, v_bias=bv,
                   out_weight=out.weight.detach(),
-                  out_bias=None if out.bias is None else out.bias.detach())
+                  out_bias=None if out.bias is None else out.bias.detach(), mask=mask,
+                  padding_mask=self.mask_slot(node, given.get("key_padding_mask")),
+                  causal=causal, batch_first=bool(module.batch_first))
         self.attention_nodes.add(node)
+
+    def mask_slot(self, node: fx.Node, arg: Any) -> int | None:
+        """The slot of an attention mask (a parameter or buffer, or a tensor computed in
+        ``forward``), None for none."""
+        if arg is None:
+            return None
+        if not isinstance(arg, fx.Node) or arg in self.is_meta:
+            raise _unsupported(node, self.describe(node), f"an attention mask {arg!r} that "
+                               "is not a tensor")
+        return self.operand(node, arg)[0]
 
     def on_sdpa(self, node: fx.Node) -> None:
         """``F.scaled_dot_product_attention(q, k, v)`` as one :class:`Attention` step."""
@@ -810,9 +826,11 @@ class _Builder:
                  "enable_gqa")
         given = {**dict(zip(names, node.args)), **node.kwargs}
         what = "scaled_dot_product_attention"
-        if given.get("attn_mask") is not None or given.get("is_causal", False) is not False:
-            raise _unsupported(node, what, "attn_mask or is_causal (attention masks are not "
-                               "supported)")
+        causal = given.get("is_causal", False)
+        if not isinstance(causal, bool):
+            raise _unsupported(node, what, "is_causal computed at run time")
+        if causal and given.get("attn_mask") is not None:
+            raise _unsupported(node, what, "both attn_mask and is_causal (torch refuses it too)")
         if given.get("dropout_p", 0.0) != 0.0:
             raise _unsupported(node, what, "dropout_p > 0")
         if given.get("enable_gqa", False) is not False:
@@ -823,7 +841,8 @@ class _Builder:
         self.emit(node, Attention, (self.tensor_slot(node, given["value"]),),
                   query=self.tensor_slot(node, given["query"]),
                   key=self.tensor_slot(node, given["key"]),
-                  scale=None if scale is None else float(scale))
+                  scale=None if scale is None else float(scale),
+                  mask=self.mask_slot(node, given.get("attn_mask")), causal=causal)
 
     def on_mean(self, node: fx.Node) -> None:
         src = self.tensor_slot(node, node.args[0])

@@ -261,7 +261,7 @@ class Cat(Step):
 
 @dataclass(frozen=True, eq=False)
 class Attention(Step):
-    """Scaled dot-product attention as one step: ``nn.MultiheadAttention`` (batch first; the
+    """Scaled dot-product attention as one step: ``nn.MultiheadAttention`` (the
     ``q/k/v`` projections, split into ``num_heads`` heads, attention, heads merged, output
     projection) or ``F.scaled_dot_product_attention`` (no projections: ``v_weight`` is None,
     heads already a dimension). ``inputs`` is the value input only; ``query`` and ``key`` are
@@ -280,6 +280,17 @@ class Attention(Step):
     out_weight: torch.Tensor | None = None
     out_bias: torch.Tensor | None = None
     scale: float | None = None
+    # masks: slots of the ``attn_mask`` and (MultiheadAttention) ``key_padding_mask`` tensors,
+    # read with the module's or function's own convention (bool: MultiheadAttention masks
+    # where True, SDPA attends where True; float: added to the scores), and a causal mask
+    mask: int | None = None
+    padding_mask: int | None = None
+    causal: bool = False
+    batch_first: bool = True  # MultiheadAttention(batch_first=False): (L, N, E) tensors
+
+    @property
+    def mask_slots(self) -> tuple[int, ...]:
+        return tuple(s for s in (self.mask, self.padding_mask) if s is not None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -315,7 +326,7 @@ def step_reads(step: Step) -> list[int]:
     if isinstance(step, Cat):
         slots += step.operands
     if isinstance(step, Attention):
-        slots += [step.query, step.key]
+        slots += [step.query, step.key, *step.mask_slots]
     if isinstance(step, (Reshape, Meta, Select)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
     return slots

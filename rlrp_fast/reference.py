@@ -386,60 +386,136 @@ class _Forward:
     linear_inputs: dict[int, torch.Tensor]  # step index → a (N, I)
     linear_outputs: dict[int, torch.Tensor]  # step index → z (N, J)
     pool_indices: dict[int, torch.Tensor]  # step index → max-pool winners
+    # slot → the dim holding the batch (None: a constant or no single dim)
+    batch_dims: list = None
+
+
+# Steps whose formula is per sample over a batch-first tensor: where the batch is another dim
+# (a MultiheadAttention with batch_first=False and the ops around it), their tensors are read
+# with the batch moved first, and relevance always travels batch first.
+_PER_SAMPLE = (Affine, Pool, Scale, Add, Gate, Normalization, Attention)
+
+
+def _per_sample_reads(step) -> list[int]:
+    """The slots a per-sample step reads that carry the batch (masks keep their own layout)."""
+    slots = list(step.inputs)
+    if isinstance(step, Gate):
+        slots.append(step.gate)
+    if isinstance(step, Attention):
+        slots += [step.query, step.key]
+    if isinstance(step, Add):
+        slots += step.constants
+    return slots
+
+
+def _batch_first(t: torch.Tensor, b: int, rank: int) -> torch.Tensor:
+    """``t`` with dim ``b`` of a ``rank``-dim layout moved first (missing leading dims are
+    broadcast ones)."""
+    t = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+    return t.movedim(b, 0)
+
+
+def _sample_ids(shape, b: int | None, n: int) -> torch.Tensor:
+    """Each element's sample (−1 for a constant's elements)."""
+    if b is None:
+        return torch.full(shape, -1, dtype=torch.long)
+    view = [n if d == b else 1 for d in range(len(shape))]
+    return torch.arange(n).view(view).expand(shape).contiguous()
+
+
+def _batch_dim_of(ids: torch.Tensor, n: int) -> int | None:
+    """The dim along which ``ids`` (routed :func:`_sample_ids`) is the sample index (a
+    constant's elements, −1, belong to every sample)."""
+    for d in range(ids.dim()):
+        if ids.shape[d] == n and bool(((ids == _sample_ids(ids.shape, d, n)) | (ids < 0)).all()):
+            return d
+    return None
 
 
 def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
     values: list = [None] * plan.num_slots
     values[plan.input_slot] = x.to(DTYPE)
-    fw = _Forward(values, {}, {}, {}, {})
+    fw = _Forward(values, {}, {}, {}, {}, [None] * plan.num_slots)
+    fw.batch_dims[plan.input_slot] = 0
+    n = x.shape[0]
     for k, step in enumerate(plan.steps):
-        args = [values[s] for s in step.inputs]
-        if isinstance(step, (Affine, Pool, Scale, Add)):
-            n = args[0].shape[0]
-            shapes = [tuple(a.shape[1:]) for a in args]
-            if isinstance(step, Affine):
-                op = _affine_op(step, shapes[0])
-            elif isinstance(step, Pool):
-                op = _pool_op(step, shapes[0])
-            elif isinstance(step, Scale):
-                op = _scale_op(step, shapes[0])
-            else:
-                op = _add_op(shapes)
-            a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
-            z_flat = _apply(op, a_flat)
-            if isinstance(step, Add) and step.constants:  # a bias, per sample (broadcast)
-                added = sum(values[c] for c in step.constants)
-                z_flat = z_flat + torch.broadcast_to(added, (n, *op.out_shape)).reshape(n, -1)
-            fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k] = op, a_flat, z_flat
-            out = z_flat.view(n, *op.out_shape)
-        elif isinstance(step, Activation):
-            out = step.fn(args[0])
-        elif isinstance(step, MaxPool):
-            # step.fn only tells which element won each window; the value is read from a.
-            _, winners = step.fn(args[0])
-            a = args[0]
-            out = a.flatten(2).gather(2, winners.flatten(2)).view(winners.shape)
-            fw.pool_indices[k] = winners
-        elif isinstance(step, Reshape):
-            out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
-        elif isinstance(step, Select):
-            out = step.apply(args[0], _resolve(step.args, values), _resolve(step.kwargs, values))
-        elif isinstance(step, Cat):
-            out = torch.cat([values[s] for s in step.operands] or args, dim=step.dim)
-        elif isinstance(step, Attention):
-            out = _attention(step, args[0], values[step.query], values[step.key])[-1]
-        elif isinstance(step, Gate):
-            out = args[0] * values[step.gate]
-        elif isinstance(step, Constant):
-            out = step.value.to(DTYPE)
-        elif isinstance(step, Normalization):
-            out = _normalization(step, args[0])
-        elif isinstance(step, Meta):
-            out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
+        reads = _per_sample_reads(step)
+        b = fw.batch_dims[step.inputs[0]] if step.inputs else None
+        if isinstance(step, _PER_SAMPLE) and b not in (0, None):
+            rank = max(values[s].dim() for s in reads)
+            local = list(values)
+            for slot in reads:
+                local[slot] = _batch_first(values[slot], b, rank)
+            out = _forward_step(k, step, local, fw).movedim(0, b)
         else:
-            raise NotImplementedError(f"the reference has no forward for {type(step).__name__}")
+            out = _forward_step(k, step, values, fw)
         values[step.output] = out
+        if isinstance(step, (Reshape, Select, Cat)) and isinstance(out, torch.Tensor):
+            read = step.operands if isinstance(step, Cat) and step.operands else step.inputs
+            ids = [_sample_ids(tuple(values[s].shape), fw.batch_dims[s], n) for s in read]
+            if isinstance(step, Cat):
+                routed = torch.cat(ids, dim=step.dim)
+            elif isinstance(step, Select):
+                routed = step.apply(ids[0], _resolve(step.args, values),
+                                    _resolve(step.kwargs, values))
+            else:
+                routed = step.fn(ids[0], *_resolve(step.args, values),
+                                 **_resolve(step.kwargs, values))
+            fw.batch_dims[step.output] = _batch_dim_of(routed, n)
+        elif not isinstance(step, (Meta, Constant)):
+            fw.batch_dims[step.output] = b
     return fw
+
+
+def _forward_step(k, step, values, fw):
+    """One step's output from the slot values ``values`` (its linear op recorded in ``fw``)."""
+    args = [values[s] for s in step.inputs]
+    if isinstance(step, (Affine, Pool, Scale, Add)):
+        n = args[0].shape[0]
+        shapes = [tuple(a.shape[1:]) for a in args]
+        if isinstance(step, Affine):
+            op = _affine_op(step, shapes[0])
+        elif isinstance(step, Pool):
+            op = _pool_op(step, shapes[0])
+        elif isinstance(step, Scale):
+            op = _scale_op(step, shapes[0])
+        else:
+            op = _add_op(shapes)
+        a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
+        z_flat = _apply(op, a_flat)
+        if isinstance(step, Add) and step.constants:  # a bias, per sample (broadcast)
+            added = sum(values[c] for c in step.constants)
+            z_flat = z_flat + torch.broadcast_to(added, (n, *op.out_shape)).reshape(n, -1)
+        fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k] = op, a_flat, z_flat
+        out = z_flat.view(n, *op.out_shape)
+    elif isinstance(step, Activation):
+        out = step.fn(args[0])
+    elif isinstance(step, MaxPool):
+        # step.fn only tells which element won each window; the value is read from a.
+        _, winners = step.fn(args[0])
+        a = args[0]
+        out = a.flatten(2).gather(2, winners.flatten(2)).view(winners.shape)
+        fw.pool_indices[k] = winners
+    elif isinstance(step, Reshape):
+        out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
+    elif isinstance(step, Select):
+        out = step.apply(args[0], _resolve(step.args, values), _resolve(step.kwargs, values))
+    elif isinstance(step, Cat):
+        out = torch.cat([values[s] for s in step.operands] or args, dim=step.dim)
+    elif isinstance(step, Attention):
+        out = _attention(step, args[0], values[step.query], values[step.key],
+                         [values[m] for m in step.mask_slots])[-1]
+    elif isinstance(step, Gate):
+        out = args[0] * values[step.gate]
+    elif isinstance(step, Constant):
+        out = step.value.to(DTYPE) if step.value.is_floating_point() else step.value
+    elif isinstance(step, Normalization):
+        out = _normalization(step, args[0])
+    elif isinstance(step, Meta):
+        out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
+    else:
+        raise NotImplementedError(f"the reference has no forward for {type(step).__name__}")
+    return out
 
 
 def reference_forward(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -781,25 +857,37 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
         step = plan.steps[k]
         if not arrived[step.output] or isinstance(step, Meta):
             continue
-        r_z = _fork(arrived[step.output], keeps_mass)
-        inputs = [fw.values[s] for s in step.inputs]
+        r_z = _fork(arrived[step.output], keeps_mass)  # batch first, as all relevance
+        values = fw.values
+        b = fw.batch_dims[step.inputs[0]] if step.inputs else None
+        if isinstance(step, _PER_SAMPLE) and b not in (0, None):  # read batch first
+            reads = _per_sample_reads(step)
+            rank = max(values[s].dim() for s in reads)
+            values = list(values)
+            for slot in reads:
+                values[slot] = _batch_first(fw.values[slot], b, rank)
+        inputs = [values[s] for s in step.inputs]
         if isinstance(step, Gate):
-            parts = [_gate_backward(step, r_z, inputs[0], fw.values[step.gate], *formulas[k])]
+            parts = [_gate_backward(step, r_z, inputs[0], values[step.gate], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Normalization):
             parts = [_normalization_backward(step, r_z, inputs[0], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Attention):
-            parts = [_attention_backward(step, r_z, inputs[0], fw.values[step.query],
-                                         fw.values[step.key], *formulas[k])]
+            parts = [_attention_backward(step, r_z, inputs[0], values[step.query],
+                                         values[step.key], [values[m] for m in step.mask_slots],
+                                         *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Cat) and step.operands:
-            parts = _cat_with_constants(step, r_z, fw.values, keeps_mass)
+            parts = _cat_with_constants(step, r_z, fw, keeps_mass)
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif k in formulas:
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
-        else:
-            parts = _route_backward(step, r_z, inputs, fw.pool_indices.get(k), fw.values)
+        else:  # routing: in the forward's layout
+            r_here = _in_layout(r_z, fw.batch_dims[step.output], step)
+            parts = _route_backward(step, r_here, inputs, fw.pool_indices.get(k), fw.values)
+            parts = [_in_layout(p, fw.batch_dims[s], step, back=True)
+                     for p, s in zip(parts, step.inputs)]
             if keeps_mass and isinstance(step, MaxPool):
                 # overlapping windows may sum opposite signs: keep the arriving L1 mass
                 parts = [_renormalise(parts[0], r_z)]
@@ -903,13 +991,22 @@ def _normalization_backward(step, r_z, x, formula, options) -> torch.Tensor:
     return _renormalise(c.sum(1), r).view(x.shape)
 
 
-def _cat_with_constants(step, r_z, values, keeps_mass) -> list[torch.Tensor]:
+def _in_layout(r: torch.Tensor, b: int | None, step, back: bool = False) -> torch.Tensor:
+    """Batch-first relevance in a tensor's forward layout (batch dim ``b``), or ``back``."""
+    if b is None:
+        raise NotImplementedError(f"{step.name}: no single dim of its tensor holds the batch")
+    return r.movedim(b, 0) if back else r.movedim(0, b)
+
+
+def _cat_with_constants(step, r_z, fw, keeps_mass) -> list[torch.Tensor]:
     """``cat`` with constant operands (a class token): each operand's slice as for any cat,
     the constants' slices dropped; for R-LRP the others jointly rescaled to ``‖R_y‖₁`` (the
-    constant's share goes back to the inputs, as a bias's does)."""
-    shapes = [tuple(values[s].shape) for s in step.operands]
-    every = _route_by_index(lambda pos: torch.cat(pos, dim=step.dim), shapes, r_z)
-    kept = [p for p, s in zip(every, step.operands) if s in step.inputs]
+    constant's share goes back to the inputs, as a bias's does). Batch first in and out."""
+    shapes = [tuple(fw.values[s].shape) for s in step.operands]
+    r_here = _in_layout(r_z, fw.batch_dims[step.output], step)
+    every = _route_by_index(lambda pos: torch.cat(pos, dim=step.dim), shapes, r_here)
+    kept = [_in_layout(p, fw.batch_dims[s], step, back=True)
+            for p, s in zip(every, step.operands) if s in step.inputs]
     if not keeps_mass:
         return kept
     n = r_z.shape[0]
@@ -918,10 +1015,38 @@ def _cat_with_constants(step, r_z, values, keeps_mass) -> list[torch.Tensor]:
     return [j.view(p.shape) for j, p in zip(joint.split(sizes, 1), kept)]
 
 
-def _attention(step: Attention, xv, xq, xk):
-    """The attention step written out in float64: ``q, k, v`` per head ``(N, H, L, d)`` (as
-    given for scaled_dot_product_attention), ``P = softmax(q kᵀ·scale)``, ``o = P v`` (heads
-    merged: ``(N, L, H·d)``) and the output ``o W_oᵀ + b_o``. Returns ``(v, P, o, out)``."""
+def _blocked(step: Attention, masks, scores: torch.Tensor):
+    """The scores with the masks applied, each by its own convention: a MultiheadAttention's
+    bool ``attn_mask`` and ``key_padding_mask`` (N, S) block where True, SDPA's bool mask
+    allows where True; float masks are added; ``attn_mask`` of a MultiheadAttention may be
+    (N·H, L, S); a causal mask blocks key ``s > l``. Blocked scores become −∞."""
+    mha = step.v_weight is not None
+    n, length, source = scores.shape[0], scores.shape[-2], scores.shape[-1]
+    masks = list(masks)
+    if step.mask is not None:
+        mask = masks.pop(0)
+        if mha and mask.dim() == 3:
+            mask = mask.reshape(n, -1, length, source)
+        if mask.dtype == torch.bool:
+            blocked = mask if mha else ~mask
+            scores = scores.masked_fill(blocked, float("-inf"))
+        else:
+            scores = scores + mask.to(DTYPE)
+    if step.padding_mask is not None:
+        pad = masks.pop(0)[:, None, None, :]
+        scores = (scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool
+                  else scores + pad.to(DTYPE))
+    if step.causal:
+        later = torch.arange(source)[None, :] > torch.arange(length)[:, None]
+        scores = scores.masked_fill(later, float("-inf"))
+    return scores
+
+
+def _attention(step: Attention, xv, xq, xk, masks=()):
+    """The attention step written out in float64, batch first: ``q, k, v`` per head
+    ``(N, H, L, d)`` (as given for scaled_dot_product_attention),
+    ``P = softmax(q kᵀ·scale + masks)``, ``o = P v`` (heads merged: ``(N, L, H·d)``) and the
+    output ``o W_oᵀ + b_o``. Returns ``(v, P, o, out)``."""
     xv, xq, xk = (t.to(DTYPE) for t in (xv, xq, xk))
 
     def project(x, w, b):
@@ -936,7 +1061,7 @@ def _attention(step: Attention, xv, xq, xk):
         q, k, v = (project(xq, step.q_weight, step.q_bias), project(xk, step.k_weight, step.k_bias),
                    project(xv, step.v_weight, step.v_bias))
     scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("...ld,...sd->...ls", q, k) * scale
+    scores = _blocked(step, masks, torch.einsum("...ld,...sd->...ls", q, k) * scale)
     e = torch.exp(scores - scores.amax(-1, keepdim=True))
     p = e / e.sum(-1, keepdim=True)
     o = torch.einsum("...ls,...sd->...ld", p, v)
@@ -967,13 +1092,13 @@ def _dense_rule(a, matrix, bias, r, formula, options) -> torch.Tensor:
     return _renormalise(c.sum(1), r)
 
 
-def _attention_backward(step, r_z, xv, xq, xk, formula, options) -> torch.Tensor:
+def _attention_backward(step, r_z, xv, xq, xk, masks, formula, options) -> torch.Tensor:
     """Attention as three linear sub-steps, each an explicit per-sample matrix over
     (tokens × features): the output projection ``kron(I_L, W_o)`` with input ``o``, the
     value mixing ``P`` (per head, the identity over features) with input ``V`` (``P`` held
     constant), the value projection ``kron(I_S, W_v)`` with input ``x``; R-LRP renormalises
     after each, ε divides by each sub-step's own ``z``. Query and key get nothing."""
-    v, p, o, _ = _attention(step, xv, xq, xk)
+    v, p, o, _ = _attention(step, xv, xq, xk, masks)
     n = r_z.shape[0]
     r = r_z.to(DTYPE).reshape(n, -1)
     if step.out_weight is not None:

@@ -282,21 +282,68 @@ def split_heads(step: Attention, o: torch.Tensor) -> torch.Tensor:
     return o if step.v_weight is None else o.unflatten(-1, (step.num_heads, -1)).transpose(1, 2)
 
 
-def attention_forward(step: Attention, xv: torch.Tensor, xq: torch.Tensor, xk: torch.Tensor
-                      ) -> torch.Tensor:
-    """The step's output, computed as torch computes it in eval."""
+def attention_bias(step: Attention, xq: torch.Tensor, xk: torch.Tensor,
+                   masks: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The step's masks (``masks``: the tensors in ``step.mask_slots``' order) and causal
+    mask as one additive float mask on the scores, broadcast (a view) to ``(N, H, L, S)``
+    (SDPA: the query's leading dims, ``L``, ``S``); None without any. It leads with the batch
+    dimension whatever the layout of ``xq``, so it is per sample like every tape entry."""
+    if not masks and not step.causal:
+        return None
+    mha = step.v_weight is not None
+    dtype = xq.dtype
+    if mha:
+        seq, batch = (1, 0) if step.batch_first else (0, 1)
+        n, length, source = xq.shape[batch], xq.shape[seq], xk.shape[seq]
+        lead = (n, step.num_heads)
+    else:
+        lead, length, source = xq.shape[:-2], xq.shape[-2], xk.shape[-2]
+
+    def additive(mask: torch.Tensor, blocked: bool) -> torch.Tensor:
+        """bool: -inf where ``mask == blocked``; float: added as it is."""
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                mask == blocked, float("-inf"))
+        return mask.to(dtype)
+
+    bias = torch.zeros((), dtype=dtype, device=xq.device)
+    given = iter(masks)
+    if step.mask is not None:
+        mask = next(given)
+        if mha and mask.dim() == 3:  # (N·H, L, S)
+            mask = mask.view(*lead, length, source)
+        bias = bias + additive(mask, blocked=mha)  # MultiheadAttention masks where True
+    if step.padding_mask is not None:  # (N, S), True: ignore that key
+        bias = bias + additive(next(given), blocked=True).view(lead[0], 1, 1, source)
+    if step.causal:
+        allowed = torch.ones(length, source, dtype=torch.bool, device=xq.device).tril()
+        bias = bias + additive(allowed, blocked=False)
+    return bias.expand(*lead, length, source)
+
+
+def attention_forward(step: Attention, xv: torch.Tensor, xq: torch.Tensor, xk: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The step's output, computed as torch computes it in eval (``bias`` from
+    :func:`attention_bias`). A MultiheadAttention with ``batch_first=False`` reads and writes
+    ``(L, N, E)``."""
+    if step.v_weight is not None and not step.batch_first:
+        xv, xq, xk = (t.transpose(0, 1) for t in (xv, xq, xk))
     q, k, v = attention_qkv(step, xq, xk, xv)
-    o = merge_heads(step, F.scaled_dot_product_attention(q, k, v, scale=step.scale))
+    o = merge_heads(step, F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                         scale=step.scale))
     if step.out_weight is None:
         return o
     b = None if step.out_bias is None else step.out_bias.to(o.dtype)
-    return F.linear(o, step.out_weight.to(o.dtype), b)
+    out = F.linear(o, step.out_weight.to(o.dtype), b)
+    return out if step.batch_first else out.transpose(0, 1)
 
 
-def attention_probs(step: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``P = softmax(q kᵀ · scale)`` ``(…, L, S)``, materialised (held constant)."""
+def attention_probs(step: Attention, q: torch.Tensor, k: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``P = softmax(q kᵀ · scale + bias)`` ``(…, L, S)``, materialised (held constant)."""
     scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    return torch.softmax(scores if bias is None else scores + bias, dim=-1)
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -327,9 +374,9 @@ class RlrpAttention:
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)
         dtype = r.value.dtype
-        xv, xq, xk = (t.to(dtype) for t in inputs)
+        xv, xq, xk, *bias = (t.to(dtype) for t in inputs)
         q, k, v = attention_qkv(step, xq, xk, xv)
-        p = attention_probs(step, q, k)
+        p = attention_probs(step, q, k, *bias)
         g = r.value * per_sample(r.unit_scale(), r.value)
         if step.out_weight is not None:
             g = split_heads(step, _unit(self._linear(g, merge_heads(step, p @ v),
@@ -355,9 +402,9 @@ class EpsilonAttention:
     def __call__(self, backend, step, r, inputs, z):
         g = r.value
         dtype = g.dtype
-        xv, xq, xk = (t.to(dtype) for t in inputs)
+        xv, xq, xk, *bias = (t.to(dtype) for t in inputs)
         q, k, v = attention_qkv(step, xq, xk, xv)
-        p = attention_probs(step, q, k)
+        p = attention_probs(step, q, k, *bias)
         pv = p @ v
         if step.out_weight is not None:
             o = merge_heads(step, pv)

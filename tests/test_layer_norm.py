@@ -328,3 +328,16 @@ def test_a_written_out_layer_norm_equals_the_module():
 def test_a_normalisation_that_is_not_layer_norm_is_refused_by_name(how):
     with pytest.raises(rlrp_fast.UnsupportedModelError, match=r"in module '1' \(WrittenLayerNorm\)"):
         rlrp_fast.Explainer(written_net(how))
+
+
+def test_several_targets_with_a_layer_scale():
+    """K targets per pass repeat each sample's tape rows; a layer scale (a constant gate,
+    no batch dim) must not be repeated (it raised a shape error before)."""
+    model = block_net(False, "parameter").double()
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    explainer = rlrp_fast.Explainer(model, backend="torch")
+    multi = explainer.explain(x, top_k=2)
+    for k in range(2):
+        single = explainer.explain(x, target=multi.targets[:, k])
+        torch.testing.assert_close(multi.relevance[:, k], single.relevance, rtol=1e-10,
+                                   atol=1e-14)
