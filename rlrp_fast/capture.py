@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta,
-                   Normalization, Plan, Pool, Reshape, Scale, Select, SlotRef, Step)
+                   Normalization, Plan, Pool, Product, Reshape, Scale, Select, SlotRef, Step)
 
 SUPPORTED_OPS = (
     "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
@@ -26,7 +26,8 @@ SUPPORTED_OPS = (
     "Linear/Conv, else a per-channel scale); activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, "
     "ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid (modules, torch.* and F.* functions, tensor "
     "methods); the product of a tensor and a gate (a Sigmoid/Hardsigmoid output: "
-    "squeeze-excitation), x * sigmoid(x), scaling by a parameter or number (layer scale); "
+    "squeeze-excitation), x * sigmoid(x), scaling by a parameter or number (layer scale), division by a number; "
+    "the product of two tensors (x * y, x @ y, torch.bmm); "
     "LayerNorm, GroupNorm, RMSNorm (modules and F.layer_norm, F.group_norm, F.rms_norm); "
     "StochasticDepth (eval); "
     "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
@@ -107,6 +108,7 @@ _ACTIVATION_FUNCTIONS: dict[Any, Callable] = {
 # gate is computed from the signal itself (x * sigmoid(x) is SiLU written out).
 _GATES = {torch.sigmoid: F.silu, F.hardsigmoid: F.hardswish}
 _MUL_FUNCTIONS = {operator.mul, torch.mul}
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 # Functions returning a tuple of views of their input, taken apart by getitem.
 _PART_FUNCTIONS = {torch.chunk: torch.chunk, torch.split: torch.split,
                    torch.unbind: torch.unbind, torch.tensor_split: torch.tensor_split}
@@ -505,6 +507,10 @@ class _Builder:
             self.alias(node, node.args[0])
         elif fn in _MUL_FUNCTIONS:
             self.on_mul(node)
+        elif fn in _MATMUL_FUNCTIONS:
+            self.on_matmul(node)
+        elif fn in (operator.truediv, torch.div, torch.true_divide):
+            self.on_div(node)
         elif getattr(fn, "__name__", "") == "stochastic_depth" and _stochastic_depth_off(node):
             self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
         elif fn in _NORMALIZATION_FUNCTIONS:
@@ -533,6 +539,10 @@ class _Builder:
             self.on_mean(node)
         elif method == "mul":
             self.on_mul(node)
+        elif method in ("matmul", "bmm"):
+            self.on_matmul(node)
+        elif method in ("div", "true_divide"):
+            self.on_div(node)
         elif method in _PART_METHODS:
             self.on_parts(node, getattr(torch.Tensor, method))
         elif method == "expand":
@@ -654,12 +664,7 @@ class _Builder:
             # a number in float64: the forward casts it to its own dtype, as Python's would
             value = self.constants[other] if isinstance(other, fx.Node) else \
                 torch.tensor(other, dtype=torch.float64)
-            if not value.is_floating_point():
-                value = value.to(torch.float64)
-            self.steps.append(Constant(name=f"{node.name}_constant", target=self.describe(node),
-                                       inputs=(), output=self.num_slots, value=value))
-            self.num_slots += 1
-            self.emit(node, Gate, (self.slot_of[tensors[0]],), gate=self.num_slots - 1)
+            self.emit_scale(node, tensors[0], value)
             return
         slots = [self.slot_of[a] for a in operands]
         consts = [s for s in slots if s in self.const_slots]
@@ -670,11 +675,11 @@ class _Builder:
         if consts:
             raise _unsupported(node, self.describe(node), "a product of constants only")
         gates = [s for s in slots if s in self.gate_of]
+        if not gates:  # a product of two signals: both share the relevance
+            self.emit(node, Product, tuple(slots), kind="mul")
+            return
         if len(gates) != 1:
-            why = ("both operands are gates" if gates else
-                   "neither operand is a gate (a Sigmoid/Hardsigmoid output): a product of "
-                   "two signals")
-            raise _unsupported(node, self.describe(node), why)
+            raise _unsupported(node, self.describe(node), "both operands are gates")
         gate = gates[0]
         signal = slots[1] if slots[0] == gate else slots[0]
         activation, source = self.gate_of[gate]
@@ -682,6 +687,42 @@ class _Builder:
             self.emit(node, Activation, (signal,), fn=_GATES[activation])
         else:
             self.emit(node, Gate, (signal,), gate=gate)
+
+    def emit_scale(self, node: fx.Node, signal: fx.Node, value: torch.Tensor) -> None:
+        """``signal`` scaled by a constant ``value``: a :class:`Gate` on a :class:`Constant`."""
+        if not value.is_floating_point():
+            value = value.to(torch.float64)
+        self.steps.append(Constant(name=f"{node.name}_constant", target=self.describe(node),
+                                   inputs=(), output=self.num_slots, value=value))
+        self.num_slots += 1
+        self.emit(node, Gate, (self.tensor_slot(node, signal),), gate=self.num_slots - 1)
+
+    def on_div(self, node: fx.Node) -> None:
+        """``x / c`` with a number ``c`` (``x / 255``): scaling by the constant ``1/c``."""
+        numerator, denominator = (node.args + (None,))[:2]
+        if node.kwargs or len(node.args) != 2 or not isinstance(numerator, fx.Node) or \
+                isinstance(denominator, (fx.Node, bool)) or \
+                not isinstance(denominator, (int, float)) or denominator == 0:
+            raise _unsupported(node, self.describe(node), "only a tensor divided by a "
+                               "non-zero number is supported (a division by a tensor, a "
+                               "parameter or a shape value is not)")
+        # a number in float64: the forward casts it to its own dtype, as Python's would
+        self.emit_scale(node, numerator, torch.tensor(1 / denominator, dtype=torch.float64))
+
+    def on_matmul(self, node: fx.Node) -> None:
+        """``u @ v`` of two signals (at least 2-D each): a :class:`Product`."""
+        if node.kwargs or len(node.args) != 2:
+            raise _unsupported(node, self.describe(node), "matmul with out= or options")
+        slots = []
+        for arg in node.args:
+            slot, const = self.operand(node, arg)
+            if const:
+                raise _unsupported(node, self.describe(node), "a matmul with a parameter or "
+                                   "buffer (write it as nn.Linear)")
+            if slot in self.gate_of:
+                raise _unsupported(node, self.describe(node), "a matmul with a gate")
+            slots.append(slot)
+        self.emit(node, Product, tuple(slots), kind="matmul")
 
     def on_activation(self, node: fx.Node, fn: Callable) -> None:
         kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}

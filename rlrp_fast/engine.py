@@ -16,7 +16,7 @@ import torch
 from .backends import Backend
 from .backends.torch_backend import affine_forward, pool_forward
 from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta, Plan,
-                   Normalization, Pool, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
+                   Normalization, Pool, Product, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
 from .rules import Propagator, attention_bias, attention_forward, normalization_forward
 
@@ -77,6 +77,14 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
         return signal * gate
     if isinstance(step, Normalization):
         return normalization_forward(step, args[0])
+    if isinstance(step, Product):
+        u, v = args
+        if step.kind == "mul":
+            return u * v
+        if min(u.dim(), v.dim()) < 3:  # the batch would be a matrix dim: samples mix
+            raise ValueError("a matmul of two signals needs both at least 3-D (the batch "
+                             "and a matrix): with a 2-D operand it mixes samples")
+        return torch.matmul(u, v)
     raise AssertionError(type(step))  # MaxPool/Reshape/Meta/Constant: handled by the caller
 
 
@@ -156,7 +164,8 @@ def _moved_batch_dim(step: Step, layout: tuple[int | None, list[int | None]]) ->
             raise NotImplementedError(f"{what} reads tensors whose batch is dim {b}, not "
                                       "where the attention takes it")
     elif isinstance(step, (Pool, Scale, MaxPool)) or (isinstance(step, Affine) and step.is_conv) \
-            or (isinstance(step, Normalization) and step.kind == "group"):
+            or (isinstance(step, Normalization) and step.kind == "group") \
+            or (isinstance(step, Product) and step.kind == "matmul"):
         raise NotImplementedError(f"{what} reads a tensor whose batch is dim {b}, not dim 0 "
                                   "(supported there: Linear, layer/RMS norms, activations, "
                                   "gates, sums, attention, reshapes)")

@@ -14,6 +14,8 @@ Step kinds (one class each):
   the element.
 - ``Gate``     a product with a gate (squeeze-excitation) or a constant (layer scale):
   relevance to the signal only.
+- ``Product``  a product of two signals (``x * y``, ``x @ y``): both operands share the
+  relevance.
 - ``Constant`` a parameter or number used directly in ``forward``.
 - ``Normalization`` LayerNorm, GroupNorm, RMSNorm (and a LayerNorm written out): linear in
   its input with ``σ`` held constant.
@@ -160,6 +162,15 @@ class Gate(Step):
     relevance (RLRP_SPEC.md, "Gates: the signal takes all", "Scaling by a constant")."""
 
     gate: int
+
+
+@dataclass(frozen=True, eq=False)
+class Product(Step):
+    """``z = u ⊙ v`` (``kind`` ``"mul"``, broadcasting) or ``z = u @ v`` (``"matmul"``) of two
+    signals, neither a gate nor a constant: ``inputs`` is ``(u, v)`` (the same slot twice for
+    ``x * x``) and both share the relevance (RLRP_SPEC.md, "Products of two signals")."""
+
+    kind: str
 
 
 @dataclass(frozen=True, eq=False)

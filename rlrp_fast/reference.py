@@ -67,7 +67,7 @@ from typing import Sequence
 
 import torch
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta, Normalization, Plan,
+from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta, Normalization, Plan, Product,
                    Pool, Reshape, Scale, Select, SlotRef)
 
 DTYPE = torch.float64
@@ -393,7 +393,7 @@ class _Forward:
 # Steps whose formula is per sample over a batch-first tensor: where the batch is another dim
 # (a MultiheadAttention with batch_first=False and the ops around it), their tensors are read
 # with the batch moved first, and relevance always travels batch first.
-_PER_SAMPLE = (Affine, Pool, Scale, Add, Gate, Normalization, Attention)
+_PER_SAMPLE = (Affine, Pool, Scale, Add, Gate, Normalization, Attention, Product)
 
 
 def _per_sample_reads(step) -> list[int]:
@@ -507,6 +507,9 @@ def _forward_step(k, step, values, fw):
                          [values[m] for m in step.mask_slots])[-1]
     elif isinstance(step, Gate):
         out = args[0] * values[step.gate]
+    elif isinstance(step, Product):
+        u, v = args
+        out = u * v if step.kind == "mul" else _product_terms(u, v).sum(-2)
     elif isinstance(step, Constant):
         out = step.value.to(DTYPE) if step.value.is_floating_point() else step.value
     elif isinstance(step, Normalization):
@@ -647,9 +650,10 @@ _CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ra
                   "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare,
                   "pass": _c_pass}
 _MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "normalization", "pass_signal",
-                 "attention")
+                 "attention", "product")
 # formulas of steps that are not a linear map of all their inputs (written out on their own)
-_ELEMENTWISE = ("gate", "normalization", "pass_signal", "attention", "attention_eps")
+_ELEMENTWISE = ("gate", "normalization", "pass_signal", "attention", "attention_eps", "product",
+                "product_uniform")
 
 
 def contributions(formula: str, op: _LinearOp, a: torch.Tensor, z: torch.Tensor,
@@ -670,7 +674,12 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
     first_conv = next((k for k, s in enumerate(plan.steps)
                        if isinstance(s, Affine) and s.conv_dims), None)
     for k, step in enumerate(plan.steps):
-        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, Normalization, Attention)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, Normalization, Attention,
+                                 Product)):
+            continue
+        if isinstance(step, Product):  # the layer form under both norms; LXT's uniform rule
+            out[k] = ("product", {}) if rule == "rlrp" else (
+                "product_uniform", {"eps": stab})
             continue
         if isinstance(step, Attention):
             out[k] = ("attention", {"norm": options["norm"]}) if rule == "rlrp" else (
@@ -819,7 +828,8 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str | dict = "rlrp",
 def _check_assignment(plan: Plan, assignment: dict) -> dict[int, tuple[str, dict]]:
     """A per-step assignment, checked: exactly the linear steps, known formulas."""
     linear = {k for k, s in enumerate(plan.steps)
-              if isinstance(s, (Affine, Pool, Scale, Add, Gate, Normalization, Attention))}
+              if isinstance(s, (Affine, Pool, Scale, Add, Gate, Normalization, Attention,
+                                Product))}
     if set(assignment) != linear:
         raise ValueError(f"the assignment must cover exactly the linear steps {sorted(linear)}; "
                          f"got {sorted(assignment)}")
@@ -872,6 +882,9 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Normalization):
             parts = [_normalization_backward(step, r_z, inputs[0], *formulas[k])]
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        elif isinstance(step, Product):
+            parts = _product_backward(step, r_z, *inputs, *formulas[k])
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Attention):
             parts = [_attention_backward(step, r_z, inputs[0], values[step.query],
@@ -1124,6 +1137,38 @@ def _attention_backward(step, r_z, xv, xq, xk, masks, formula, options) -> torch
     b_v = None if step.v_bias is None else step.v_bias.to(DTYPE).repeat(source)
     return _dense_rule(xv.to(DTYPE).reshape(n, -1), w_v, b_v, r, formula, options
                        ).view(xv.shape)
+
+
+def _product_terms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``t[..., i, k, j] = u[..., i, k] · v[..., k, j]``: a matmul's terms (``Σ_k`` is
+    ``u @ v``), batch dims broadcast."""
+    return u[..., :, :, None] * v[..., None, :, :]
+
+
+def _product_backward(step, r_z, u, v, formula, options) -> list[torch.Tensor]:
+    """A product of two signals. R-LRP: both operands receive the same contributions
+    ``c = u v R`` (a matmul: ``c_ikj = u_ik v_kj R_ij``, summed over ``j`` for ``u`` and over
+    ``i`` for ``v``; broadcast dims summed), jointly renormalised to ``‖R‖₁``. Classic rules
+    (LXT's uniform rule): ``x * y`` gives each ``R / 2``; ``u @ v`` divides by
+    ``stab(2 z)``."""
+    u, v, r = u.to(DTYPE), v.to(DTYPE), r_z.to(DTYPE)
+    n = r.shape[0]
+    if step.kind == "mul":
+        if formula == "product_uniform":
+            return [(r / 2).sum_to_size(u.shape), (r / 2).sum_to_size(v.shape)]
+        c = u * v * r
+        parts = [c.sum_to_size(u.shape), c.sum_to_size(v.shape)]
+    else:
+        terms = _product_terms(u, v)                                    # (…, i, k, j)
+        if formula == "product_uniform":
+            r = r / _stab(2 * terms.sum(-2), options["eps"])
+        c = terms * r[..., :, None, :]
+        parts = [c.sum(-1).sum_to_size(u.shape), c.sum(-3).sum_to_size(v.shape)]
+        if formula == "product_uniform":
+            return parts
+    joint = _rescale(torch.cat([p.reshape(n, -1) for p in parts], 1), _l1(r))
+    sizes = [p[0].numel() for p in parts]
+    return [j.view(p.shape) for j, p in zip(joint.split(sizes, 1), parts)]
 
 
 def _gate_backward(step, r_z, signal, gate, formula, options) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, 
                        stabilize)
 import torch.nn.functional as F
 
-from .plan import (Add, Affine, Attention, Gate, Normalization, Plan, Pool, Scale, Step,
+from .plan import (Add, Affine, Attention, Gate, Normalization, Plan, Pool, Product, Scale, Step,
                    scale_rows)
 
 SINGLE_RULES = ("lrp0", "epsilon", "zplus", "gamma", "alphabeta", "zbox", "flat", "wsquare")
@@ -257,6 +257,48 @@ class RlrpNormalization:
             u = u - u.mean(-1, keepdim=True)                            # (I − 11ᵀ/n)
         r_tilde = x * step.ungrouped(u, x)
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
+
+
+@dataclass(frozen=True)
+class RlrpProduct:
+    """A product of two signals, ``z = u ⊙ v`` or ``z = u @ v``: both operands receive the
+    same contributions ``c = u v R`` (``R̃_u = u ⊙ (R vᵀ)``, ``R̃_v = v ⊙ (uᵀ R)`` for a
+    matmul), jointly renormalised to ``‖R‖₁`` with one scalar per sample (the uniform split
+    of AttnLRP without its division). The layer form under both norms (RLRP_SPEC.md)."""
+
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
+        g = r.value
+        u, v = (t.to(g.dtype) for t in inputs)
+        if step.kind == "mul":
+            c = u * v * g
+            parts = [c.sum_to_size(u.shape), c.sum_to_size(v.shape)]
+        else:
+            parts = [(u * (g @ v.transpose(-2, -1))).sum_to_size(u.shape),
+                     (v * (u.transpose(-2, -1) @ g)).sum_to_size(v.shape)]
+        return _settle(share_mass(parts, r.mass), plain)
+
+
+@dataclass(frozen=True)
+class UniformProduct:
+    """The classic rules at a product of two signals, LXT's uniform rule: ``x * y`` hands
+    each operand half the relevance, ``R_u = R_v = R / 2``; ``u @ v`` the uniform ε-rule,
+    ``R_u = u ⊙ ((R / stab(2z)) vᵀ)``, ``R_v = v ⊙ (uᵀ (R / stab(2z)))``."""
+
+    epsilon: float
+    needs_output = True
+
+    def __call__(self, backend, step, r, inputs, z):
+        g = r.value
+        u, v = (t.to(g.dtype) for t in inputs)
+        if step.kind == "mul":
+            half = g / 2
+            return [Rel(half.sum_to_size(u.shape)), Rel(half.sum_to_size(v.shape))]
+        g = g / stabilize(2 * z.to(g.dtype), self.epsilon)
+        return [Rel((u * (g @ v.transpose(-2, -1))).sum_to_size(u.shape)),
+                Rel((v * (u.transpose(-2, -1) @ g)).sum_to_size(v.shape))]
 
 
 # -- attention -------------------------------------------------------------------------------
@@ -564,7 +606,7 @@ class PassTerms:
 # built and, for each plan step it is assigned to, builds the propagator above that does the
 # work (its modified weights prepared once, per dtype). Adding a rule is one subclass:
 # ``applies_to`` (the step kinds it has a meaning for) and ``propagator``.
-RULED_STEPS = (Affine, Pool, Scale, Add, Gate, Normalization, Attention)  # the steps a rule is assigned to
+RULED_STEPS = (Affine, Pool, Scale, Add, Gate, Normalization, Attention, Product)  # the steps a rule is assigned to
 
 
 class Rule:
@@ -615,6 +657,8 @@ class RLRP(Rule):
             return RlrpGate(neuron)
         if isinstance(step, Normalization):
             return RlrpNormalization(neuron)
+        if isinstance(step, Product):  # the layer form under both norms (RLRP_SPEC.md)
+            return RlrpProduct()
         if isinstance(step, Attention):
             return RlrpAttention(neuron)
         if isinstance(step, Affine):
@@ -645,6 +689,8 @@ class Norm(Rule):
             return PassToSignal()
         if isinstance(step, Attention):  # LXT's: ε on the value path, P held constant
             return EpsilonAttention(self.stabilizer)
+        if isinstance(step, Product):  # LXT's uniform rule
+            return UniformProduct(self.stabilizer)
         return NormTerms(self.stabilizer)
 
 
@@ -994,7 +1040,7 @@ def _describe(step: Step, module: nn.Module | None) -> str:
 def _kinds(kinds: tuple[type, ...]) -> str:
     words = {Affine: "Linear/Conv", Pool: "average pools and means", Scale: "lone BatchNorms",
              Add: "residual sums", Gate: "gated or scaled products", Normalization: "normalisation layers",
-             Attention: "attention"}
+             Attention: "attention", Product: "products of two signals"}
     return ", ".join(words[k] for k in kinds)
 
 
