@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta,
+from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool, Meta,
                    Normalization, Plan, Pool, Product, Reshape, Scale, Select, SlotRef, Step)
 
 SUPPORTED_OPS = (
@@ -32,10 +32,10 @@ SUPPORTED_OPS = (
     "StochasticDepth (eval); "
     "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
     "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
-    "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
+    "flatten, unflatten, squeeze, unsqueeze, view_as, reshape_as, permute, transpose, "
+    "swapaxes, contiguous; expand, expand_as, broadcast_to, repeat (of any tensor); Identity, Dropout (eval); "
     "tensor + tensor and tensor + parameter/buffer (a position embedding; operator +, +=, "
-    "torch.add, Tensor.add); torch.cat (also of a parameter: a class token); expand of a "
-    "parameter; chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
+    "torch.add, Tensor.add); torch.cat (also of a parameter: a class token); chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
     "nn.MultiheadAttention (batch first or not, packed or separate in-projections, attn_mask, "
     "key_padding_mask, is_causal; no bias_k/bias_v, no add_zero_attn) and "
     "F.scaled_dot_product_attention (attn_mask or is_causal; no dropout, no enable_gqa); shape arithmetic and comparisons (x.size(), x.shape, x.dim(), "
@@ -147,7 +147,8 @@ _POOL_FUNCTIONS = {
 
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"}
 _RESHAPE_FUNCTIONS = {torch.flatten: "flatten", torch.reshape: "reshape",
-                      torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze"}
+                      torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
+                      torch.unflatten: "unflatten"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _META_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add,
@@ -497,8 +498,10 @@ class _Builder:
             self.on_pool_function(node)
         elif fn in _RESHAPE_FUNCTIONS:
             self.on_reshape(node, getattr(torch.Tensor, _RESHAPE_FUNCTIONS[fn]))
-        elif fn in (torch.permute, torch.transpose):
+        elif fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims):
             self.on_permute(node, "permute" if fn is torch.permute else "transpose")
+        elif fn is torch.broadcast_to:
+            self.on_expand(node, torch.Tensor.broadcast_to)
         elif fn in _CAT_FUNCTIONS:
             self.on_cat(node)
         elif fn is torch.mean:
@@ -545,8 +548,12 @@ class _Builder:
             self.on_div(node)
         elif method in _PART_METHODS:
             self.on_parts(node, getattr(torch.Tensor, method))
-        elif method == "expand":
-            self.on_expand(node)
+        elif method in ("expand", "expand_as", "repeat", "broadcast_to"):
+            self.on_expand(node, getattr(torch.Tensor, method))
+        elif method in ("view_as", "reshape_as"):
+            self.on_shaped_like(node, getattr(torch.Tensor, method))
+        elif method in ("swapaxes", "swapdims"):
+            self.on_permute(node, "transpose")
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -797,16 +804,26 @@ class _Builder:
         if all(const for _, const in slots):
             self.const_slots.add(self.slot_of[node])
 
-    def on_expand(self, node: fx.Node) -> None:
-        """``expand`` of a constant (``class_token.expand(n, -1, -1)``): it never receives
-        relevance, so the broadcast needs no routing back."""
+    def on_expand(self, node: fx.Node, fn: Callable) -> None:
+        """``expand``/``expand_as``/``broadcast_to``/``repeat``: of a constant
+        (``class_token.expand(n, -1, -1)``) it stays a constant (no relevance comes back);
+        of a signal it is a :class:`Broadcast` (each element gets its copies' relevance)."""
         src, const = self.operand(node, node.args[0])
-        if not const:
-            raise _unsupported(node, self.describe(node), "expand of a tensor (only of a "
-                               "parameter or buffer, such as a class token)")
-        self.emit(node, Reshape, (src,), fn=torch.Tensor.expand, args=self.refs(node.args[1:]),
-                  kwargs=self.refs(node.kwargs))
-        self.const_slots.add(self.slot_of[node])
+        if fn is torch.Tensor.expand_as:  # the shape comes from a tensor read, not explained
+            args, kwargs = (SlotRef(self.operand(node, node.args[1])[0]),), {}
+        else:
+            args, kwargs = self.refs(node.args[1:]), self.refs(node.kwargs)
+        self.emit(node, Reshape if const else Broadcast, (src,), fn=fn, args=args, kwargs=kwargs)
+        if const:
+            self.const_slots.add(self.slot_of[node])
+
+    def on_shaped_like(self, node: fx.Node, fn: Callable) -> None:
+        """``view_as``/``reshape_as``: a reshape whose shape is another tensor's (read for its
+        shape only: it gets no relevance)."""
+        if len(node.args) != 2 or node.kwargs:
+            raise _unsupported(node, self.describe(node), "unexpected arguments")
+        src = self.tensor_slot(node, node.args[0])
+        self.emit(node, Reshape, (src,), fn=fn, args=(SlotRef(self.operand(node, node.args[1])[0]),))
 
     def on_multihead_attention(self, node: fx.Node, module: nn.MultiheadAttention) -> None:
         """``nn.MultiheadAttention`` as one :class:`Attention` step (masks are read, as the

@@ -15,7 +15,7 @@ import torch
 
 from .backends import Backend
 from .backends.torch_backend import affine_forward, pool_forward
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta, Plan,
+from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool, Meta, Plan,
                    Normalization, Pool, Product, Reshape, Scale, Select, Step, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
 from .rules import Propagator, attention_bias, attention_forward, normalization_forward
@@ -127,10 +127,17 @@ def _batch_dim_after(step: Step, args: list, ins: list[int | None], out: torch.T
             if out.shape[:k].numel() == before and out.shape[k] == n:
                 return k
         return LOST
+    if isinstance(step, Broadcast):  # copies: follow a marker's values
+        a = args[0]
+        marker = _marker(a, b, n)
+        moved = step.fn(marker, *resolve(step.args, values), **resolve(step.kwargs, values))
+        for k in range(moved.dim()):
+            if moved.shape[k] == n and bool((moved == _marker(moved, k, n)).all()):
+                return k
+        return LOST
     if isinstance(step, (Reshape, Select)):  # views: follow a marker along the batch dim
         a = args[0]
-        marker = torch.arange(n, device=a.device).view(
-            [n if d == b else 1 for d in range(a.dim())]).expand(a.shape)
+        marker = _marker(a, b, n)
         if isinstance(step, Select):
             moved = step.apply(marker, *(_resolve_selection(step, values)))
         else:
@@ -141,6 +148,13 @@ def _batch_dim_after(step: Step, args: list, ins: list[int | None], out: torch.T
                     return k
         return LOST
     return b
+
+
+def _marker(like: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """The sample index of every element of ``like`` (batch in dim ``b``), as a broadcast
+    view (no memory)."""
+    return torch.arange(n, device=like.device).view(
+        [n if d == b else 1 for d in range(like.dim())]).expand(like.shape)
 
 
 def _resolve_selection(step: Select, values: list) -> tuple:
@@ -223,6 +237,10 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
             elif isinstance(step, Reshape):
                 out = step.fn(args[0], *resolve(step.args, values), **resolve(step.kwargs, values))
                 tape.shapes[i] = [args[0].shape]
+            elif isinstance(step, Broadcast):
+                chosen = (resolve(step.args, values), resolve(step.kwargs, values))
+                out = step.fn(args[0], *chosen[0], **chosen[1])
+                tape.shapes[i], tape.selections[i] = [args[0].shape], chosen
             elif isinstance(step, Select):
                 chosen = (resolve(step.args, values), resolve(step.kwargs, values))
                 out = step.apply(args[0], *chosen)
@@ -449,6 +467,19 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
     if isinstance(step, Reshape):
         value = step.undo(r.value) if step.undo is not None else r.value.reshape(tape.shapes[i][0])
         return [Rel(value, r.mass, r.l1)]
+    if isinstance(step, Broadcast):  # each element: the sum of its copies
+        (shape,) = tape.shapes[i]
+        args, _ = tape.selections.pop(i)
+        if step.fn is torch.Tensor.repeat:
+            sizes = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) \
+                else tuple(args)
+            full = (1,) * (len(sizes) - len(shape)) + tuple(shape)
+            tiles = [d for pair in zip(sizes, full) for d in pair]  # (copies, size) per dim
+            value = r.value.reshape(tiles).sum(tuple(range(0, len(tiles), 2))).reshape(shape)
+        else:
+            value = r.value.sum_to_size(shape)
+        # copies of opposite sign cancel: the mass stays, as at a fork
+        return [Rel(value, r.mass)]
     if isinstance(step, Select):  # the same selection on zeros is a view to fill
         (shape,) = tape.shapes[i]
         out = r.value.new_zeros(shape)

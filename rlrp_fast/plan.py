@@ -12,6 +12,8 @@ Step kinds (one class each):
 - ``MaxPool``  MaxPool* / AdaptiveMaxPool*; relevance goes to the winning element.
 - ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose; relevance follows
   the element.
+- ``Broadcast`` expand/expand_as/broadcast_to/repeat: copies of each element; relevance of
+  the copies is summed back.
 - ``Gate``     a product with a gate (squeeze-excitation) or a constant (layer scale):
   relevance to the signal only.
 - ``Product``  a product of two signals (``x * y``, ``x @ y``): both operands share the
@@ -152,6 +154,18 @@ class Reshape(Step):
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     undo: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Broadcast(Step):
+    """Copies of each element: ``z = fn(a, *args, **kwargs)`` (``expand``, ``expand_as``,
+    ``broadcast_to``, ``repeat``). Each element receives the sum of its copies' relevance
+    (rescaled to the arriving L1 mass under R-LRP, as at a fork: copies of opposite sign
+    cancel)."""
+
+    fn: Callable[..., torch.Tensor]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -338,7 +352,7 @@ def step_reads(step: Step) -> list[int]:
         slots += step.operands
     if isinstance(step, Attention):
         slots += [step.query, step.key, *step.mask_slots]
-    if isinstance(step, (Reshape, Meta, Select)):
+    if isinstance(step, (Reshape, Meta, Select, Broadcast)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
     return slots
 

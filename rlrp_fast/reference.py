@@ -67,7 +67,7 @@ from typing import Sequence
 
 import torch
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, MaxPool, Meta, Normalization, Plan, Product,
+from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool, Meta, Normalization, Plan, Product,
                    Pool, Reshape, Scale, Select, SlotRef)
 
 DTYPE = torch.float64
@@ -450,7 +450,7 @@ def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
         else:
             out = _forward_step(k, step, values, fw)
         values[step.output] = out
-        if isinstance(step, (Reshape, Select, Cat)) and isinstance(out, torch.Tensor):
+        if isinstance(step, (Reshape, Broadcast, Select, Cat)) and isinstance(out, torch.Tensor):
             read = step.operands if isinstance(step, Cat) and step.operands else step.inputs
             ids = [_sample_ids(tuple(values[s].shape), fw.batch_dims[s], n) for s in read]
             if isinstance(step, Cat):
@@ -496,7 +496,7 @@ def _forward_step(k, step, values, fw):
         a = args[0]
         out = a.flatten(2).gather(2, winners.flatten(2)).view(winners.shape)
         fw.pool_indices[k] = winners
-    elif isinstance(step, Reshape):
+    elif isinstance(step, (Reshape, Broadcast)):
         out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
     elif isinstance(step, Select):
         out = step.apply(args[0], _resolve(step.args, values), _resolve(step.kwargs, values))
@@ -901,8 +901,8 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
             parts = _route_backward(step, r_here, inputs, fw.pool_indices.get(k), fw.values)
             parts = [_in_layout(p, fw.batch_dims[s], step, back=True)
                      for p, s in zip(parts, step.inputs)]
-            if keeps_mass and isinstance(step, MaxPool):
-                # overlapping windows may sum opposite signs: keep the arriving L1 mass
+            if keeps_mass and isinstance(step, (MaxPool, Broadcast)):
+                # overlapping windows, copies, may sum opposite signs: keep the arriving mass
                 parts = [_renormalise(parts[0], r_z)]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         for slot, part in zip(step.inputs, parts):
@@ -1203,8 +1203,8 @@ def _route_backward(step, r_z, inputs, winners, values) -> list[torch.Tensor]:
             for c in range(ch):
                 r_a[s, c].index_add_(0, flat_winners[s, c], flat_r[s, c])
         return [r_a.view(a.shape)]
-    if isinstance(step, Reshape):
-        # Apply the same rearrangement to the element positions (shape arguments such as
+    if isinstance(step, (Reshape, Broadcast)):
+        # Apply the same rearrangement (or copying) to the element positions (shape arguments such as
         # x.size(0) are read from the forward's slot values).
         args, kwargs = _resolve(step.args, values), _resolve(step.kwargs, values)
         return _route_by_index(lambda pos: step.fn(pos[0], *args, **kwargs),
