@@ -8,6 +8,7 @@ supported. The user's model is only read, never modified.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,8 +22,8 @@ from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant,
                    Normalization, Plan, Pool, Product, Reshape, Scale, Select, SlotRef, Step)
 
 SUPPORTED_OPS = (
-    "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
-    "BatchNorm1d/2d/3d in eval mode with running statistics (folded into a preceding "
+    "Linear (also F.linear on parameters); Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
+    "BatchNorm1d/2d/3d (also F.batch_norm) in eval mode with running statistics (folded into a preceding "
     "Linear/Conv, else a per-channel scale); activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, "
     "ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid (modules, torch.* and F.* functions, tensor "
     "methods); the product of a tensor and a gate (a Sigmoid/Hardsigmoid output: "
@@ -56,6 +57,13 @@ def _unsupported(node: fx.Node, what: str, why: str = "it is not supported") -> 
         f"cannot explain {what} (node {node.name!r}, {_enclosing_module(node)}): {why}. "
         f"Supported: {SUPPORTED_OPS}."
     )
+
+
+def _module_path(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose ``forward`` made ``node`` (the
+    node's own name at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else node.name
 
 
 def _enclosing_module(node: fx.Node) -> str:
@@ -182,6 +190,17 @@ def _conv_padding(node: fx.Node, conv: nn.Module, dims: int) -> tuple[int, ...]:
             raise _unsupported(node, type(conv).__name__, "padding='same' that pads asymmetrically")
         return tuple(t // 2 for t in total)
     return _tuple(conv.padding, dims)
+
+
+@dataclass(frozen=True)
+class _FunctionalBatchNorm:
+    """The arguments of an ``F.batch_norm`` call, read as a BatchNorm module's attributes."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
 
 
 def _batchnorm_affine(node: fx.Node, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,6 +408,13 @@ class _Builder:
         return slot
 
     def on_placeholder(self, node: fx.Node) -> None:
+        if self.input_slot is not None and node.args:
+            # an optional argument (attn_mask=None, is_causal=False): the explainer calls
+            # model(x), so it keeps its default, to which the trace was specialised (see
+            # capture); fx's checks of that read it as a shape value does
+            self.emit(node, Meta, (), fn=functools.partial(_default, node.args[0]))
+            self.is_meta.add(node)
+            return
         if self.input_slot is not None:
             raise UnsupportedModelError(
                 f"the model's forward takes more than one input ({node.name!r}); rlrp_fast "
@@ -459,6 +485,40 @@ class _Builder:
         else:
             raise _unsupported(node, f"module {node.target!r} ({name})")
 
+    def on_linear_function(self, node: fx.Node) -> None:
+        """``F.linear(x, weight, bias)`` with a module's own parameters (a subclass of
+        nn.Linear that fx traces into, as timm's ``Linear``): the same step as nn.Linear,
+        owned by the module that holds the weight (composites match it by that module)."""
+        names = ("input", "weight", "bias")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        if given.get("weight") not in self.constants:
+            raise _unsupported(node, self.describe(node), "a weight computed in forward (only "
+                               "a parameter or buffer)")
+        weight, bias = (self.constant_or_none(node, given.get(k)) for k in ("weight", "bias"))
+        owner = str(given["weight"].target).rpartition(".")[0]
+        self.steps.append(Affine(name=node.name, target=self.describe(node),
+                                 inputs=(self.tensor_slot(node, given["input"]),),
+                                 output=self.new_slot(node), module=owner, weight=weight,
+                                 bias=bias))
+
+    def on_batchnorm_function(self, node: fx.Node) -> None:
+        """``F.batch_norm`` in eval (running statistics, ``training=False``), as timm's
+        ``BatchNormAct2d`` calls it: the same step as a BatchNorm module."""
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                 "momentum", "eps")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        if given.get("training", False) is not False:
+            raise _unsupported(node, self.describe(node), "batch statistics (training=True, "
+                               "or no running statistics): call model.eval()")
+        stats = {k: self.constant_or_none(node, given.get(k))
+                 for k in ("running_mean", "running_var", "weight", "bias")}
+        eps = given.get("eps", 1e-5)
+        if stats["running_mean"] is None or stats["running_var"] is None or \
+                not isinstance(eps, (int, float)):
+            raise _unsupported(node, self.describe(node), "no running statistics or an eps "
+                               "computed at run time")
+        self.on_batchnorm(node, _FunctionalBatchNorm(**stats, eps=float(eps)))
+
     def on_batchnorm(self, node: fx.Node, bn: nn.Module) -> None:
         scale, shift = _batchnorm_affine(node, bn)
         producer = node.args[0]
@@ -466,7 +526,8 @@ class _Builder:
         foldable = (isinstance(last, Affine) and self.slot_of.get(producer) == last.output
                     and len(producer.users) == 1 and last.weight.shape[0] == scale.numel())
         if foldable:
-            self.steps[-1] = _fold(last, scale, shift, str(node.target))
+            self.steps[-1] = _fold(last, scale, shift, str(node.target) if node.op ==
+                                   "call_module" else _module_path(node))
             self.alias(node, producer)
         else:
             dtype = bn.running_mean.dtype
@@ -475,6 +536,8 @@ class _Builder:
 
     def on_call_function(self, node: fx.Node) -> None:
         fn = node.target
+        if fn is _ASSERT_IS_NONE:  # fx's check that an optional argument is left as None
+            return
         if fn is torch._assert:  # the model's own shape check, run by the plan too
             if all(a in self.is_meta for a in node.all_input_nodes):
                 self.emit_meta(node, fn)
@@ -484,8 +547,12 @@ class _Builder:
                 self.emit_meta(node, fn)
                 return
             raise _unsupported(node, self.describe(node), "shape arithmetic with this function")
-        if fn is getattr and node.args[1] == "shape":
+        if fn is getattr and node.args[1] in ("shape", "ndim"):
             self.emit_meta(node, fn)
+        elif fn is F.batch_norm:
+            self.on_batchnorm_function(node)
+        elif fn is F.linear:
+            self.on_linear_function(node)
         elif fn is operator.getitem:
             self.on_getitem(node)
         elif fn in _PART_FUNCTIONS:
@@ -1102,12 +1169,33 @@ def _maxpool_fn(module: nn.Module, dims: int) -> Callable:
                              ceil_mode=module.ceil_mode, return_indices=True)
 
 
+_ASSERT_IS_NONE = getattr(fx._symbolic_trace, "_assert_is_none", None)
+
+
+def _default(value: Any) -> Any:
+    """An optional argument of ``forward``: its default (a Meta step's function)."""
+    return value
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, Any]:
+    """The arguments of ``forward`` after the input that have defaults (timm's
+    ``attn_mask=None``), with those defaults: the explainer calls ``model(x)``, so the trace
+    is specialised to them rather than taking them as inputs."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in parameters[1:]
+            if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
 def capture(model: nn.Module) -> Plan:
     """Trace ``model`` and canonicalise it into a :class:`Plan` (see module docstring)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model, concrete_args=_optional_arguments(model) or None)
     except Exception as exc:  # fx raises many types; all mean "not traceable"
         raise UnsupportedModelError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
