@@ -870,7 +870,10 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
         r_z = _fork(arrived[step.output], keeps_mass)  # batch first, as all relevance
         values = fw.values
         b = fw.batch_dims[step.inputs[0]] if step.inputs else None
-        if isinstance(step, _PER_SAMPLE) and b not in (0, None):  # read batch first
+        if isinstance(step, _PER_SAMPLE) and b is None:
+            raise NotImplementedError(f"{step.name}: no single dim of its input holds the "
+                                      "batch (a view merged it with another): samples mix")
+        if isinstance(step, _PER_SAMPLE) and b != 0:  # read batch first
             reads = _per_sample_reads(step)
             rank = max(values[s].dim() for s in reads)
             values = list(values)
