@@ -171,8 +171,8 @@ def _moved_batch_dim(step: Step, layout: tuple[int | None, list[int | None]]) ->
     if b is None or b == LOST or any(i not in (b, None) for i in ins):
         raise NotImplementedError(
             f"rlrp_fast explains each sample on its own, so it needs the batch as the first "
-            f"dimension of every tensor (or as a dim of its own, batch_first=False); the tensors of {what} mix samples or hold them "
-            "in different dims")
+            f"dimension of every tensor (or as a dim of its own, batch_first=False); the "
+            f"tensors of {what} mix samples or hold them in different dims")
     if isinstance(step, Attention):
         if step.v_weight is None or step.batch_first != (b == 0):
             raise NotImplementedError(f"{what} reads tensors whose batch is dim {b}, not "
@@ -268,7 +268,8 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
         if not isinstance(step, (Meta, Constant)):
             ins = [batch_dims[s] for s in step.inputs]
             batch_dims[step.output] = _batch_dim_after(step, args, ins, out, n, values)
-            if any(b != 0 for b in ins) or batch_dims[step.output] != 0:
+            seq_first = isinstance(step, Attention) and not step.batch_first
+            if any(b != 0 for b in ins) or batch_dims[step.output] != 0 or seq_first:
                 tape.layouts[i] = (batch_dims[step.output], ins)
         prop = propagators[i]
         if prop is not None:

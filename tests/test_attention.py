@@ -480,3 +480,20 @@ def test_a_tensor_that_mixes_samples_is_refused_by_name():
     with pytest.raises(NotImplementedError, match="fc"):
         rlrp_fast.Explainer(Mixed().double().eval(), backend="torch").explain(
             torch.randn(2, 5, 3, dtype=torch.float64))
+
+
+def test_a_sequence_first_attention_fed_batch_first_is_refused():
+    """batch_first=False on an (N, L, E) input: the attention mixes the samples (dim 0 is
+    its sequence); refused, naming the step."""
+
+    class Misfed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    with pytest.raises(NotImplementedError, match="attn"):
+        rlrp_fast.Explainer(Misfed().double().eval(), backend="torch").explain(
+            torch.randn(3, 5, 4, dtype=torch.float64))
