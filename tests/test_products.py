@@ -180,5 +180,8 @@ def test_other_divisions_are_refused_by_name(expr):
     namespace = {}  # the forward written from the expression (fx traces its source)
     exec(f"def forward(self, x):\n    return {expr}", {"torch": torch}, namespace)
     Net.forward = namespace["forward"]
-    with pytest.raises(rlrp_fast.UnsupportedModelError, match="divided by a non-zero number"):
+    # the refusal names the node, the enclosing module (here the model itself) and why
+    with pytest.raises(rlrp_fast.UnsupportedModelError,
+                       match=r"in the model's own forward \(Net\)\): only a tensor divided by "
+                             "a non-zero number"):
         rlrp_fast.Explainer(Net().eval())
