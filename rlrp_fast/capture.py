@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import operator
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -18,29 +20,34 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
-                   Pad, Plan, Pool, Reshape, Scale, Select, SlotRef, Step, WindowAttention)
+from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool,
+                   Meta, Normalization, Pad, Plan, Pool, Product, Reshape, Scale, Select, SlotRef,
+                   Step, WindowAttention)
 
 SUPPORTED_OPS = (
-    "Linear; Conv1d/2d/3d (any stride, padding, dilation, groups; zero padding); "
-    "BatchNorm1d/2d/3d in eval mode with running statistics (folded into a preceding "
-    "Linear/Conv, else a per-channel scale); activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, "
-    "ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid (modules, torch.* and F.* functions, tensor "
-    "methods); the product of a tensor and a gate (a Sigmoid/Hardsigmoid output: "
-    "squeeze-excitation), x * sigmoid(x), scaling by a parameter or number (layer scale); "
-    "LayerNorm (module and F.layer_norm); StochasticDepth (eval); "
-    "MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d "
-    "(modules and F.* functions); mean over non-batch dims; Flatten, Unflatten, view, reshape, "
-    "flatten, squeeze, unsqueeze, permute, transpose, contiguous; Identity, Dropout (eval); "
-    "tensor + tensor and tensor + parameter/buffer (a position embedding; operator +, +=, "
-    "torch.add, Tensor.add); torch.cat (also of a parameter: a class token); expand of a "
-    "parameter; chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
-    "nn.MultiheadAttention (batch_first=True, packed or separate in-projections, no masks, "
-    "no bias_k/bias_v, no add_zero_attn) and F.scaled_dot_product_attention (no mask, no "
-    "dropout, not causal); torchvision's Swin shifted-window attention (V1 and V2), patch "
-    "merging and MaxViT's relative-position attention; torch.roll, F.pad (constant mode), "
-    "ZeroPad1d/2d/3d, ConstantPad1d/2d/3d, swapaxes/swapdims; shape arithmetic and "
-    "comparisons (x.size(), x.shape, x.dim(), torch._assert)"
+    "Linear (also F.linear on a module's parameters); Conv1d/2d/3d (any stride, padding, "
+    "dilation, groups; zero padding); BatchNorm1d/2d/3d (also F.batch_norm) in eval mode with "
+    "running statistics (folded into a preceding Linear/Conv, else a per-channel scale); "
+    "activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid "
+    "(modules, torch.* and F.* functions, tensor methods); the product of a tensor and a gate "
+    "(a Sigmoid/Hardsigmoid output: squeeze-excitation), x * sigmoid(x), scaling by a parameter "
+    "or number (layer scale), division by a number; the product of two tensors (x * y, x @ y, "
+    "torch.bmm); LayerNorm, GroupNorm, RMSNorm (modules and F.layer_norm, F.group_norm, "
+    "F.rms_norm) and a LayerNorm written out ((x - mean) / sqrt(biased var + eps) * w + b); "
+    "StochasticDepth (eval); MaxPool1d/2d/3d, AdaptiveMaxPool1d/2d/3d, AvgPool1d/2d/3d, "
+    "AdaptiveAvgPool1d/2d/3d (modules and F.* functions); mean over non-batch dims; Flatten, "
+    "Unflatten, view, reshape, flatten, unflatten, squeeze, unsqueeze, view_as, reshape_as, "
+    "permute, transpose, swapaxes/swapdims, contiguous; expand, expand_as, broadcast_to, "
+    "repeat; torch.roll, F.pad (constant mode), ZeroPad1d/2d/3d, ConstantPad1d/2d/3d; "
+    "Identity, Dropout (eval); tensor + tensor and tensor + parameter/buffer (a position "
+    "embedding; operator +, +=, torch.add, Tensor.add); torch.cat (also of a parameter: a class "
+    "token); chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
+    "nn.MultiheadAttention (batch first or not, packed or separate in-projections, attn_mask, "
+    "key_padding_mask, is_causal; no bias_k/bias_v, no add_zero_attn) and "
+    "F.scaled_dot_product_attention (attn_mask or is_causal; no dropout, no enable_gqa); "
+    "torchvision's Swin shifted-window attention (V1 and V2), patch merging and MaxViT's "
+    "relative-position attention; shape arithmetic and comparisons (x.size(), x.shape, x.ndim, "
+    "x.dim(), torch._assert)"
 )
 
 
@@ -48,10 +55,35 @@ class UnsupportedModelError(ValueError):
     """The model contains something the plan cannot explain."""
 
 
+class _TensorAsShape(Exception):
+    """Internal: a tensor node met where a shape argument was expected."""
+
+
 def _unsupported(node: fx.Node, what: str, why: str = "it is not supported") -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"cannot explain {what} (node {node.name!r}): {why}. Supported: {SUPPORTED_OPS}."
+        f"cannot explain {what} (node {node.name!r}, {_enclosing_module(node)}): {why}. "
+        f"Supported: {SUPPORTED_OPS}."
     )
+
+
+def _module_path(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose ``forward`` made ``node`` (the
+    node's own name at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def _enclosing_module(node: fx.Node) -> str:
+    """The innermost module whose ``forward`` made ``node``, by qualified name and type (fx
+    records the stack while tracing): where in a large model to look."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, kind = list(stack.values())[-1]
+        name = getattr(kind, "__name__", str(kind))
+        return f"in module {path!r} ({name})"
+    root = node.graph.owning_module
+    return f"in the model's own forward ({type(root).__name__})" if root is not None \
+        else "in the model's own forward"
 
 
 def _functional_activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -91,6 +123,7 @@ _ACTIVATION_FUNCTIONS: dict[Any, Callable] = {
 # gate is computed from the signal itself (x * sigmoid(x) is SiLU written out).
 _GATES = {torch.sigmoid: F.silu, F.hardsigmoid: F.hardswish}
 _MUL_FUNCTIONS = {operator.mul, torch.mul}
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 # Functions returning a tuple of views of their input, taken apart by getitem.
 _PART_FUNCTIONS = {torch.chunk: torch.chunk, torch.split: torch.split,
                    torch.unbind: torch.unbind, torch.tensor_split: torch.tensor_split}
@@ -104,6 +137,8 @@ _MAXPOOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
              nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
 _AVGPOOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE_AVGPOOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_NORMALIZATIONS = {nn.LayerNorm: "layer", nn.RMSNorm: "rms", nn.GroupNorm: "group"}
+_NORMALIZATION_FUNCTIONS = {F.layer_norm: "layer", F.rms_norm: "rms", F.group_norm: "group"}
 _CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d,
                   nn.ZeroPad2d, nn.ZeroPad3d)
 _PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -129,7 +164,8 @@ _POOL_FUNCTIONS = {
 
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"}
 _RESHAPE_FUNCTIONS = {torch.flatten: "flatten", torch.reshape: "reshape",
-                      torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze"}
+                      torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
+                      torch.unflatten: "unflatten"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _META_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add,
@@ -163,6 +199,17 @@ def _conv_padding(node: fx.Node, conv: nn.Module, dims: int) -> tuple[int, ...]:
             raise _unsupported(node, type(conv).__name__, "padding='same' that pads asymmetrically")
         return tuple(t // 2 for t in total)
     return _tuple(conv.padding, dims)
+
+
+@dataclass(frozen=True)
+class _FunctionalBatchNorm:
+    """The arguments of an ``F.batch_norm`` call, read as a BatchNorm module's attributes."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
 
 
 def _batchnorm_affine(node: fx.Node, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,11 +325,14 @@ class _Builder:
         def convert(arg):
             if arg in self.is_meta:
                 return SlotRef(self.slot_of[arg])
-            raise ValueError(arg)
+            raise _TensorAsShape(arg)
         try:
             return fx.node.map_arg(obj, convert)
-        except ValueError as exc:
-            raise UnsupportedModelError(f"a tensor ({exc}) is used as a shape argument") from None
+        except _TensorAsShape as exc:
+            tensor = exc.args[0]
+            raise UnsupportedModelError(
+                f"a tensor ({tensor.name}, {_enclosing_module(tensor)}) is used as a shape "
+                "argument") from None
 
     def emit(self, node: fx.Node, cls, inputs: tuple[int, ...], **fields) -> None:
         module = str(node.target) if node.op == "call_module" else None
@@ -311,7 +361,15 @@ class _Builder:
     def build(self) -> Plan:
         nodes = list(self.gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(nodes)}
+        written = [m for m in map(_match_written_layer_norm, nodes) if m is not None]
+        absorbed = {n for m in written for n in m.nodes - {m.end}}
+        written_at = {m.end: m for m in written}
         for node in nodes:
+            if node in absorbed:
+                continue
+            if node in written_at:
+                self.on_written_layer_norm(node, written_at[node])
+                continue
             handler = getattr(self, f"on_{node.op}")
             handler(node)
             mutated = _mutated_operand(node, self.gm)
@@ -359,6 +417,13 @@ class _Builder:
         return slot
 
     def on_placeholder(self, node: fx.Node) -> None:
+        if self.input_slot is not None and node.args:
+            # an optional argument (attn_mask=None, is_causal=False): the explainer calls
+            # model(x), so it keeps its default, to which the trace was specialised (see
+            # capture); fx's checks of that read it as a shape value does
+            self.emit(node, Meta, (), fn=functools.partial(_default, node.args[0]))
+            self.is_meta.add(node)
+            return
         if self.input_slot is not None:
             raise UnsupportedModelError(
                 f"the model's forward takes more than one input ({node.name!r}); rlrp_fast "
@@ -407,8 +472,8 @@ class _Builder:
                       dilation=_tuple(module.dilation, dims), groups=module.groups)
         elif kind in _BATCHNORMS:
             self.on_batchnorm(node, module)
-        elif kind is nn.LayerNorm:
-            self.on_layer_norm(node, module)
+        elif kind in _NORMALIZATIONS:
+            self.on_normalization(node, _NORMALIZATIONS[kind], module)
         elif _functional_activation(module) is not None:
             self.emit(node, Activation, (src,), fn=_functional_activation(module))
         elif kind in _MAXPOOLS or kind in _AVGPOOLS or kind in _ADAPTIVE_AVGPOOLS:
@@ -427,6 +492,40 @@ class _Builder:
         else:
             raise _unsupported(node, f"module {node.target!r} ({name})")
 
+    def on_linear_function(self, node: fx.Node) -> None:
+        """``F.linear(x, weight, bias)`` with a module's own parameters (a subclass of
+        nn.Linear that fx traces into, as timm's ``Linear``): the same step as nn.Linear,
+        owned by the module that holds the weight (composites match it by that module)."""
+        names = ("input", "weight", "bias")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        if given.get("weight") not in self.constants:
+            raise _unsupported(node, self.describe(node), "a weight computed in forward (only "
+                               "a parameter or buffer)")
+        weight, bias = (self.constant_or_none(node, given.get(k)) for k in ("weight", "bias"))
+        owner = str(given["weight"].target).rpartition(".")[0]
+        self.steps.append(Affine(name=node.name, target=self.describe(node),
+                                 inputs=(self.tensor_slot(node, given["input"]),),
+                                 output=self.new_slot(node), module=owner, weight=weight,
+                                 bias=bias))
+
+    def on_batchnorm_function(self, node: fx.Node) -> None:
+        """``F.batch_norm`` in eval (running statistics, ``training=False``), as timm's
+        ``BatchNormAct2d`` calls it: the same step as a BatchNorm module."""
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                 "momentum", "eps")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        if given.get("training", False) is not False:
+            raise _unsupported(node, self.describe(node), "batch statistics (training=True, "
+                               "or no running statistics): call model.eval()")
+        stats = {k: self.constant_or_none(node, given.get(k))
+                 for k in ("running_mean", "running_var", "weight", "bias")}
+        eps = given.get("eps", 1e-5)
+        if stats["running_mean"] is None or stats["running_var"] is None or \
+                not isinstance(eps, (int, float)):
+            raise _unsupported(node, self.describe(node), "no running statistics or an eps "
+                               "computed at run time")
+        self.on_batchnorm(node, _FunctionalBatchNorm(**stats, eps=float(eps)))
+
     def on_batchnorm(self, node: fx.Node, bn: nn.Module) -> None:
         scale, shift = _batchnorm_affine(node, bn)
         producer = node.args[0]
@@ -434,7 +533,8 @@ class _Builder:
         foldable = (isinstance(last, Affine) and self.slot_of.get(producer) == last.output
                     and len(producer.users) == 1 and last.weight.shape[0] == scale.numel())
         if foldable:
-            self.steps[-1] = _fold(last, scale, shift, str(node.target))
+            self.steps[-1] = _fold(last, scale, shift, str(node.target) if node.op ==
+                                   "call_module" else _module_path(node))
             self.alias(node, producer)
         else:
             dtype = bn.running_mean.dtype
@@ -443,6 +543,8 @@ class _Builder:
 
     def on_call_function(self, node: fx.Node) -> None:
         fn = node.target
+        if fn is _ASSERT_IS_NONE:  # fx's check that an optional argument is left as None
+            return
         if fn is torch._assert:  # the model's own shape check, run by the plan too
             if all(a in self.is_meta for a in node.all_input_nodes):
                 self.emit_meta(node, fn)
@@ -452,8 +554,12 @@ class _Builder:
                 self.emit_meta(node, fn)
                 return
             raise _unsupported(node, self.describe(node), "shape arithmetic with this function")
-        if fn is getattr and node.args[1] == "shape":
+        if fn is getattr and node.args[1] in ("shape", "ndim"):
             self.emit_meta(node, fn)
+        elif fn is F.batch_norm:
+            self.on_batchnorm_function(node)
+        elif fn is F.linear:
+            self.on_linear_function(node)
         elif fn is operator.getitem:
             self.on_getitem(node)
         elif fn in _PART_FUNCTIONS:
@@ -466,8 +572,10 @@ class _Builder:
             self.on_pool_function(node)
         elif fn in _RESHAPE_FUNCTIONS:
             self.on_reshape(node, getattr(torch.Tensor, _RESHAPE_FUNCTIONS[fn]))
-        elif fn in (torch.permute, torch.transpose):
+        elif fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims):
             self.on_permute(node, "permute" if fn is torch.permute else "transpose")
+        elif fn is torch.broadcast_to:
+            self.on_expand(node, torch.Tensor.broadcast_to)
         elif fn in _CAT_FUNCTIONS:
             self.on_cat(node)
         elif fn is torch.mean:
@@ -476,18 +584,20 @@ class _Builder:
             self.alias(node, node.args[0])
         elif fn in _MUL_FUNCTIONS:
             self.on_mul(node)
+        elif fn in _MATMUL_FUNCTIONS:
+            self.on_matmul(node)
+        elif fn in (operator.truediv, torch.div, torch.true_divide):
+            self.on_div(node)
         elif getattr(fn, "__name__", "") == "stochastic_depth" and _stochastic_depth_off(node):
             self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
-        elif fn is F.layer_norm:
-            self.on_layer_norm(node)
+        elif fn in _NORMALIZATION_FUNCTIONS:
+            self.on_normalization(node, _NORMALIZATION_FUNCTIONS[fn])
         elif fn is F.scaled_dot_product_attention:
             self.on_sdpa(node)
         elif fn is F.pad:
             self.on_pad(node)
         elif fn is torch.roll:
             self.on_roll(node)
-        elif fn in (torch.swapaxes, torch.swapdims):
-            self.on_swap(node)
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -510,14 +620,20 @@ class _Builder:
             self.on_mean(node)
         elif method == "mul":
             self.on_mul(node)
+        elif method in ("matmul", "bmm"):
+            self.on_matmul(node)
+        elif method in ("div", "true_divide"):
+            self.on_div(node)
         elif method in _PART_METHODS:
             self.on_parts(node, getattr(torch.Tensor, method))
-        elif method == "expand":
-            self.on_expand(node)
+        elif method in ("expand", "expand_as", "repeat", "broadcast_to"):
+            self.on_expand(node, getattr(torch.Tensor, method))
+        elif method in ("view_as", "reshape_as"):
+            self.on_shaped_like(node, getattr(torch.Tensor, method))
         elif method == "roll":
             self.on_roll(node)
         elif method in ("swapaxes", "swapdims"):
-            self.on_swap(node)
+            self.on_permute(node, "transpose")
         else:
             raise _unsupported(node, self.describe(node))
 
@@ -578,21 +694,39 @@ class _Builder:
                                "indexing by a tensor or list (only ints, slices, None, ...)")
         self.emit(node, Select, (src,), fn=operator.getitem, args=self.refs((index,)))
 
-    def on_layer_norm(self, node: fx.Node, module: nn.Module | None = None) -> None:
+    def on_normalization(self, node: fx.Node, kind: str, module: nn.Module | None = None
+                         ) -> None:
+        """LayerNorm, RMSNorm, GroupNorm (``kind`` "layer", "rms", "group"), module or
+        ``F.*`` function, as one :class:`Normalization` step."""
         if module is not None:
-            shape, weight, bias, eps = (module.normalized_shape, module.weight, module.bias,
-                                        module.eps)
+            weight, bias = module.weight, getattr(module, "bias", None)
+            eps = module.eps
+            size = module.num_groups if kind == "group" else module.normalized_shape
         else:
-            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            names = {"layer": ("input", "normalized_shape", "weight", "bias", "eps"),
+                     "rms": ("input", "normalized_shape", "weight", "eps"),
+                     "group": ("input", "num_groups", "weight", "bias", "eps")}[kind]
             given = {**dict(zip(names, node.args)), **node.kwargs}
-            shape, eps = given["normalized_shape"], given.get("eps", 1e-5)
+            size = given[names[1]]
+            eps = given.get("eps", None if kind == "rms" else 1e-5)
             weight, bias = (self.constant_or_none(node, given.get(k)) for k in ("weight", "bias"))
-        if isinstance(shape, fx.Node) or isinstance(eps, fx.Node):
-            raise _unsupported(node, self.describe(node), "a shape or eps computed at run time")
-        self.emit(node, LayerNorm, (self.tensor_slot(node, node.args[0]),),
-                  normalized_shape=tuple(_tuple(shape, 1)),
+        if any(isinstance(v, fx.Node) for v in (eps, *_tuple(size, 1))):
+            raise _unsupported(node, self.describe(node), "a shape, group count or eps "
+                               "computed at run time")
+        shape = {} if kind == "group" else {"dims": tuple(range(-len(_tuple(size, 1)), 0))}
+        self.emit(node, Normalization, (self.tensor_slot(node, node.args[0]),), kind=kind,
                   weight=None if weight is None else weight.detach(),
-                  bias=None if bias is None else bias.detach(), eps=float(eps))
+                  bias=None if bias is None else bias.detach(),
+                  eps=None if eps is None else float(eps),
+                  num_groups=int(size) if kind == "group" else None, **shape)
+
+    def on_written_layer_norm(self, node: fx.Node, norm: _WrittenLayerNorm) -> None:
+        """A layer norm written out in ``forward``: the same step as ``nn.LayerNorm`` over
+        its dims (RLRP_SPEC.md: recognised where the pattern is exact)."""
+        weight, bias = (None if t is None else _constant_value(t, self.gm)
+                        for t in (norm.weight, norm.bias))
+        self.emit(node, Normalization, (self.tensor_slot(node, norm.x),), kind="layer",
+                  weight=weight, bias=bias, eps=norm.eps, dims=norm.dims)
 
     def constant_or_none(self, node: fx.Node, arg: Any) -> torch.Tensor | None:
         if arg is None:
@@ -617,12 +751,7 @@ class _Builder:
             # a number in float64: the forward casts it to its own dtype, as Python's would
             value = self.constants[other] if isinstance(other, fx.Node) else \
                 torch.tensor(other, dtype=torch.float64)
-            if not value.is_floating_point():
-                value = value.to(torch.float64)
-            self.steps.append(Constant(name=f"{node.name}_constant", target=self.describe(node),
-                                       inputs=(), output=self.num_slots, value=value))
-            self.num_slots += 1
-            self.emit(node, Gate, (self.slot_of[tensors[0]],), gate=self.num_slots - 1)
+            self.emit_scale(node, tensors[0], value)
             return
         slots = [self.slot_of[a] for a in operands]
         consts = [s for s in slots if s in self.const_slots]
@@ -633,11 +762,11 @@ class _Builder:
         if consts:
             raise _unsupported(node, self.describe(node), "a product of constants only")
         gates = [s for s in slots if s in self.gate_of]
+        if not gates:  # a product of two signals: both share the relevance
+            self.emit(node, Product, tuple(slots), kind="mul")
+            return
         if len(gates) != 1:
-            why = ("both operands are gates" if gates else
-                   "neither operand is a gate (a Sigmoid/Hardsigmoid output): a product of "
-                   "two signals")
-            raise _unsupported(node, self.describe(node), why)
+            raise _unsupported(node, self.describe(node), "both operands are gates")
         gate = gates[0]
         signal = slots[1] if slots[0] == gate else slots[0]
         activation, source = self.gate_of[gate]
@@ -645,6 +774,42 @@ class _Builder:
             self.emit(node, Activation, (signal,), fn=_GATES[activation])
         else:
             self.emit(node, Gate, (signal,), gate=gate)
+
+    def emit_scale(self, node: fx.Node, signal: fx.Node, value: torch.Tensor) -> None:
+        """``signal`` scaled by a constant ``value``: a :class:`Gate` on a :class:`Constant`."""
+        if not value.is_floating_point():
+            value = value.to(torch.float64)
+        self.steps.append(Constant(name=f"{node.name}_constant", target=self.describe(node),
+                                   inputs=(), output=self.num_slots, value=value))
+        self.num_slots += 1
+        self.emit(node, Gate, (self.tensor_slot(node, signal),), gate=self.num_slots - 1)
+
+    def on_div(self, node: fx.Node) -> None:
+        """``x / c`` with a number ``c`` (``x / 255``): scaling by the constant ``1/c``."""
+        numerator, denominator = (node.args + (None,))[:2]
+        if node.kwargs or len(node.args) != 2 or not isinstance(numerator, fx.Node) or \
+                isinstance(denominator, (fx.Node, bool)) or \
+                not isinstance(denominator, (int, float)) or denominator == 0:
+            raise _unsupported(node, self.describe(node), "only a tensor divided by a "
+                               "non-zero number is supported (a division by a tensor, a "
+                               "parameter or a shape value is not)")
+        # a number in float64: the forward casts it to its own dtype, as Python's would
+        self.emit_scale(node, numerator, torch.tensor(1 / denominator, dtype=torch.float64))
+
+    def on_matmul(self, node: fx.Node) -> None:
+        """``u @ v`` of two signals (at least 2-D each): a :class:`Product`."""
+        if node.kwargs or len(node.args) != 2:
+            raise _unsupported(node, self.describe(node), "matmul with out= or options")
+        slots = []
+        for arg in node.args:
+            slot, const = self.operand(node, arg)
+            if const:
+                raise _unsupported(node, self.describe(node), "a matmul with a parameter or "
+                                   "buffer (write it as nn.Linear)")
+            if slot in self.gate_of:
+                raise _unsupported(node, self.describe(node), "a matmul with a gate")
+            slots.append(slot)
+        self.emit(node, Product, tuple(slots), kind="matmul")
 
     def on_activation(self, node: fx.Node, fn: Callable) -> None:
         kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
@@ -710,37 +875,51 @@ class _Builder:
         if all(const for _, const in slots):
             self.const_slots.add(self.slot_of[node])
 
-    def on_expand(self, node: fx.Node) -> None:
-        """``expand`` of a constant (``class_token.expand(n, -1, -1)``): it never receives
-        relevance, so the broadcast needs no routing back."""
+    def on_expand(self, node: fx.Node, fn: Callable) -> None:
+        """``expand``/``expand_as``/``broadcast_to``/``repeat``: of a constant
+        (``class_token.expand(n, -1, -1)``) it stays a constant (no relevance comes back);
+        of a signal it is a :class:`Broadcast` (each element gets its copies' relevance)."""
         src, const = self.operand(node, node.args[0])
-        if not const:
-            raise _unsupported(node, self.describe(node), "expand of a tensor (only of a "
-                               "parameter or buffer, such as a class token)")
-        self.emit(node, Reshape, (src,), fn=torch.Tensor.expand, args=self.refs(node.args[1:]),
-                  kwargs=self.refs(node.kwargs))
-        self.const_slots.add(self.slot_of[node])
+        if fn is torch.Tensor.expand_as:  # the shape comes from a tensor read, not explained
+            args, kwargs = (SlotRef(self.operand(node, node.args[1])[0]),), {}
+        else:
+            args, kwargs = self.refs(node.args[1:]), self.refs(node.kwargs)
+        self.emit(node, Reshape if const else Broadcast, (src,), fn=fn, args=args, kwargs=kwargs)
+        if const:
+            self.const_slots.add(self.slot_of[node])
+
+    def on_shaped_like(self, node: fx.Node, fn: Callable) -> None:
+        """``view_as``/``reshape_as``: a reshape whose shape is another tensor's (read for its
+        shape only: it gets no relevance)."""
+        if len(node.args) != 2 or node.kwargs:
+            raise _unsupported(node, self.describe(node), "unexpected arguments")
+        src = self.tensor_slot(node, node.args[0])
+        self.emit(node, Reshape, (src,), fn=fn, args=(SlotRef(self.operand(node, node.args[1])[0]),))
 
     def on_multihead_attention(self, node: fx.Node, module: nn.MultiheadAttention) -> None:
-        """``nn.MultiheadAttention`` as one :class:`Attention` step (batch first, no masks)."""
+        """``nn.MultiheadAttention`` as one :class:`Attention` step (masks are read, as the
+        query and key are: they shape ``P``, which is held constant)."""
         what = f"module {node.target!r} (MultiheadAttention)"
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                  "average_attn_weights", "is_causal")
         given = {**dict(zip(names, node.args)), **node.kwargs}
-        for opt in ("key_padding_mask", "attn_mask"):
-            if given.get(opt) is not None:
-                raise _unsupported(node, what, f"{opt} (attention masks are not supported)")
-        if given.get("is_causal", False) is not False:
-            raise _unsupported(node, what, "is_causal=True (attention masks are not supported)")
-        if not module.batch_first:
-            raise _unsupported(node, what, "batch_first=False (rlrp_fast needs the batch as "
-                               "the first dimension of every tensor)")
+        flags = {k: given.get(k, k == "need_weights") for k in ("need_weights", "is_causal")}
+        if any(isinstance(v, fx.Node) for v in flags.values()):
+            raise _unsupported(node, what, "need_weights or is_causal computed at run time")
+        if flags["is_causal"] and given.get("attn_mask") is None:
+            raise _unsupported(node, what, "is_causal=True without attn_mask (torch needs the "
+                               "mask too; pass it)")
         if module.bias_k is not None or module.bias_v is not None:
             raise _unsupported(node, what, "bias_k/bias_v (add_bias_kv=True)")
         if module.add_zero_attn:
             raise _unsupported(node, what, "add_zero_attn=True")
         if module.training and module.dropout > 0:
             raise _unsupported(node, what, "dropout in training mode (call model.eval())")
+        # torch's own reading of is_causal: a hint that replaces attn_mask by the causal
+        # mask only without a padding mask and without weights; otherwise attn_mask is used
+        causal = bool(flags["is_causal"]) and given.get("key_padding_mask") is None and \
+            not flags["need_weights"]
+        mask = None if causal else self.mask_slot(node, given.get("attn_mask"))
         if module.in_proj_weight is not None:
             wq, wk, wv = module.in_proj_weight.detach().chunk(3)
         else:
@@ -755,8 +934,20 @@ class _Builder:
                   key=self.tensor_slot(node, given["key"]), num_heads=module.num_heads,
                   q_weight=wq, k_weight=wk, v_weight=wv, q_bias=bq, k_bias=bk, v_bias=bv,
                   out_weight=out.weight.detach(),
-                  out_bias=None if out.bias is None else out.bias.detach())
+                  out_bias=None if out.bias is None else out.bias.detach(), mask=mask,
+                  padding_mask=self.mask_slot(node, given.get("key_padding_mask")),
+                  causal=causal, batch_first=bool(module.batch_first))
         self.attention_nodes.add(node)
+
+    def mask_slot(self, node: fx.Node, arg: Any) -> int | None:
+        """The slot of an attention mask (a parameter or buffer, or a tensor computed in
+        ``forward``), None for none."""
+        if arg is None:
+            return None
+        if not isinstance(arg, fx.Node) or arg in self.is_meta:
+            raise _unsupported(node, self.describe(node), f"an attention mask {arg!r} that "
+                               "is not a tensor")
+        return self.operand(node, arg)[0]
 
     def on_sdpa(self, node: fx.Node) -> None:
         """``F.scaled_dot_product_attention(q, k, v)`` as one :class:`Attention` step."""
@@ -764,9 +955,11 @@ class _Builder:
                  "enable_gqa")
         given = {**dict(zip(names, node.args)), **node.kwargs}
         what = "scaled_dot_product_attention"
-        if given.get("attn_mask") is not None or given.get("is_causal", False) is not False:
-            raise _unsupported(node, what, "attn_mask or is_causal (attention masks are not "
-                               "supported)")
+        causal = given.get("is_causal", False)
+        if not isinstance(causal, bool):
+            raise _unsupported(node, what, "is_causal computed at run time")
+        if causal and given.get("attn_mask") is not None:
+            raise _unsupported(node, what, "both attn_mask and is_causal (torch refuses it too)")
         if given.get("dropout_p", 0.0) != 0.0:
             raise _unsupported(node, what, "dropout_p > 0")
         if given.get("enable_gqa", False) is not False:
@@ -777,7 +970,8 @@ class _Builder:
         self.emit(node, Attention, (self.tensor_slot(node, given["value"]),),
                   query=self.tensor_slot(node, given["query"]),
                   key=self.tensor_slot(node, given["key"]),
-                  scale=None if scale is None else float(scale))
+                  scale=None if scale is None else float(scale),
+                  mask=self.mask_slot(node, given.get("attn_mask")), causal=causal)
 
     def on_window_attention(self, node: fx.Node, module: nn.Module) -> None:
         """torchvision's ``ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2`` (Swin) or
@@ -847,15 +1041,6 @@ class _Builder:
                   args=(shifts, dims),
                   undo=functools.partial(_roll, shifts=tuple(-s for s in shifts), dims=dims))
 
-    def on_swap(self, node: fx.Node) -> None:
-        """``swapaxes``/``swapdims``: a transpose."""
-        dims = tuple(node.args[1:]) + tuple(node.kwargs.values())
-        if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
-            raise _unsupported(node, self.describe(node), "dims computed at run time")
-        undo = functools.partial(torch.transpose, dim0=dims[0], dim1=dims[1])
-        self.emit(node, Reshape, (self.tensor_slot(node, node.args[0]),), fn=torch.transpose,
-                  args=dims, undo=undo)
-
     def on_mean(self, node: fx.Node) -> None:
         src = self.tensor_slot(node, node.args[0])
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -868,6 +1053,176 @@ class _Builder:
             raise _unsupported(node, self.describe(node), "dims computed at run time")
         self.emit(node, Pool, (src,), kind="mean", dims=0,
                   params=dict(dims=dims, keepdim=bool(keepdim)))
+
+
+@dataclass(frozen=True)
+class _WrittenLayerNorm:
+    """A layer norm written out in ``forward`` (the original ConvNeXt's channels-first one):
+    ``(x − mean) / sqrt(var + eps)``, optionally ``· weight + bias`` (constants); ``nodes``
+    are the ones it replaces, ``end`` the node whose value it is."""
+
+    x: fx.Node
+    dims: tuple[int, ...]
+    eps: float
+    weight: fx.Node | None
+    bias: fx.Node | None
+    nodes: frozenset
+    end: fx.Node
+
+
+def _call(node: Any, *names) -> bool:
+    """``node`` calls the function or method named ``names`` (``"sub"`` matches
+    ``operator.sub``, ``torch.sub`` and ``Tensor.sub``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in names
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None) in names and \
+            getattr(node.target, "__module__", "") in ("_operator", "operator", "torch")
+    return False
+
+
+def _reduce_dims(node: fx.Node, fn: str, **required) -> tuple[int, ...] | None:
+    """The dims of ``x.mean(dims, keepdim=True)`` (``fn`` "mean") or of a biased
+    ``x.var(dims, keepdim=True, correction=0 | unbiased=False)`` (``fn`` "var"), else None."""
+    if not _call(node, fn) or len(node.args) > 2:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "dim"}
+    if fn == "var":
+        biased = kwargs.pop("correction", None) == 0 or kwargs.pop("unbiased", True) is False
+        kwargs.pop("unbiased", None)
+        if not biased:
+            return None
+    if kwargs != {"keepdim": True}:
+        return None
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or \
+            not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims)
+
+
+def _is_square_of(node: Any, base: Callable[[Any], bool]) -> fx.Node | None:
+    """``node`` is ``t ** 2``, ``t.pow(2)`` or ``t * t`` with ``base(t)``: returns ``t``."""
+    if _call(node, "pow") and len(node.args) == 2 and node.args[1] == 2 and \
+            base(node.args[0]):
+        return node.args[0]
+    if _call(node, "mul") and len(node.args) == 2 and node.args[0] is node.args[1] and \
+            base(node.args[0]):
+        return node.args[0]
+    return None
+
+
+def _match_written_layer_norm(end: fx.Node) -> _WrittenLayerNorm | None:
+    """``end`` = ``(x − μ) / sqrt(v + eps)`` or ``(x − μ) * rsqrt(v + eps)``, ``μ`` the mean
+    of ``x`` over some dims (keepdim), ``v`` the biased variance over the same dims written
+    as ``mean((x − μ)²)`` or ``var(x, correction=0)``; then an optional ``weight · _`` and
+    ``_ + bias`` of constants. None unless the pattern is exact and its inner values are
+    used nowhere else."""
+    if _call(end, "truediv", "div") and len(end.args) == 2:
+        centred, root = end.args
+        if not _call(root, "sqrt"):
+            return None
+    elif _call(end, "mul") and len(end.args) == 2 and _call(end.args[1], "rsqrt"):
+        centred, root = end.args
+    else:
+        return None
+    if not (_call(centred, "sub") and len(centred.args) == 2 and not centred.kwargs):
+        return None
+    x, mean = centred.args
+    dims = _reduce_dims(mean, "mean") if isinstance(mean, fx.Node) else None
+    if dims is None or mean.args[0] is not x:
+        return None
+    shifted = root.args[0] if len(root.args) == 1 else None
+    if not (_call(shifted, "add") and len(shifted.args) == 2 and not shifted.kwargs):
+        return None
+    spread, eps = shifted.args
+    if isinstance(spread, (int, float)):
+        spread, eps = eps, spread
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not isinstance(
+            spread, fx.Node):
+        return None
+    nodes = {end, centred, mean, root, shifted, spread}
+    if _reduce_dims(spread, "var") == dims and spread.args[0] is x:
+        pass
+    elif _reduce_dims(spread, "mean") == dims:
+        def is_centred(t):
+            return t is centred or (_call(t, "sub") and t.args == (x, mean) and not t.kwargs)
+        square = spread.args[0]
+        base = _is_square_of(square, is_centred)
+        if base is None:
+            return None
+        nodes |= {square, base}
+    else:
+        return None
+    for inner in nodes - {end}:  # each inner value feeds the pattern only
+        if any(user not in nodes for user in inner.users):
+            return None
+    weight = bias = None
+    users = list(end.users)
+    if len(users) == 1 and _call(users[0], "mul") and len(users[0].args) == 2:
+        other = [a for a in users[0].args if a is not end]
+        if len(other) == 1 and _constant_expression(other[0]):
+            weight, end = other[0], users[0]
+            nodes |= {end, *_expression_nodes(weight)}
+            users = list(end.users)
+    if len(users) == 1 and _call(users[0], "add") and len(users[0].args) == 2 and \
+            not users[0].kwargs:
+        other = [a for a in users[0].args if a is not end]
+        if len(other) == 1 and _constant_expression(other[0]):
+            bias, end = other[0], users[0]
+            nodes |= {end, *_expression_nodes(bias)}
+    return _WrittenLayerNorm(x, dims, float(eps), weight, bias, frozenset(nodes), end)
+
+
+_CONSTANT_VIEWS = ("view", "reshape", "unsqueeze", "getitem")
+
+
+def _constant_expression(node: Any) -> bool:
+    """A parameter or buffer, possibly indexed by ``None``/slices or reshaped with literal
+    arguments (``self.weight[:, None, None]``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        return True
+    if not (_call(node, *_CONSTANT_VIEWS) and len(node.users) == 1):
+        return False
+    literal = not any(isinstance(a, fx.Node) for a in _flatten((node.args[1:], node.kwargs)))
+    return literal and _constant_expression(node.args[0])
+
+
+def _expression_nodes(node: fx.Node) -> list[fx.Node]:
+    """The views of a :func:`_constant_expression` (its ``get_attr`` stays a node of its own)."""
+    out = []
+    while node.op != "get_attr":
+        out.append(node)
+        node = node.args[0]
+    return out
+
+
+def _flatten(obj) -> list:
+    if isinstance(obj, (tuple, list)):
+        return [x for o in obj for x in _flatten(o)]
+    if isinstance(obj, dict):
+        return [x for o in obj.values() for x in _flatten(o)]
+    if isinstance(obj, slice):
+        return [obj.start, obj.stop, obj.step]
+    return [obj]
+
+
+def _constant_value(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor:
+    """The value of a :func:`_constant_expression` (a view of the model's own tensor)."""
+    if node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value.detach()
+    base = _constant_value(node.args[0], gm)
+    if node.op == "call_function":  # operator.getitem
+        return base[node.args[1]]
+    return getattr(base, node.target)(*node.args[1:], **node.kwargs)
 
 
 def _stochastic_depth_off(node: fx.Node) -> bool:
@@ -899,6 +1254,27 @@ def _maxpool_fn(module: nn.Module, dims: int) -> Callable:
     return functools.partial(fn, kernel_size=module.kernel_size, stride=module.stride,
                              padding=module.padding, dilation=module.dilation,
                              ceil_mode=module.ceil_mode, return_indices=True)
+
+
+_ASSERT_IS_NONE = getattr(fx._symbolic_trace, "_assert_is_none", None)
+
+
+def _default(value: Any) -> Any:
+    """An optional argument of ``forward``: its default (a Meta step's function)."""
+    return value
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, Any]:
+    """The arguments of ``forward`` after the input that have defaults (timm's
+    ``attn_mask=None``), with those defaults: the explainer calls ``model(x)``, so the trace
+    is specialised to them rather than taking them as inputs."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in parameters[1:]
+            if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
 
 def _roll(x: torch.Tensor, shifts: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
@@ -961,10 +1337,11 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``model`` as a ``torch.fx.GraphModule``, traced the way capture reads it."""
+    """``model`` as a ``torch.fx.GraphModule``, traced the way capture reads it (optional
+    arguments of ``forward`` fixed to their defaults)."""
     tracer = _Tracer()
     with _unwrapped(_traced_through_functions()):
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model) or None)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 

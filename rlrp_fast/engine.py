@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .backends.torch_backend import affine_forward, pool_forward
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
-                   Pad, Plan, Pool, Reshape, Scale, Select, Step, WindowAttention, resolve,
-                   scale_rows, step_reads)
+from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool,
+                   Meta, Normalization, Pad, Plan, Pool, Product, Reshape, Scale, Select, Step,
+                   WindowAttention, resolve, scale_rows, step_reads)
 from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
-from .rules import Propagator, attention_forward
+from .rules import Propagator, attention_bias, attention_forward, normalization_forward
 from .window_attention import window_attention_forward
 
 
@@ -33,6 +33,11 @@ class Tape:
     pool_indices: dict[int, torch.Tensor]
     shapes: dict[int, list[torch.Size]]
     selections: dict[int, tuple] = field(default_factory=dict)  # Select, Pad: resolved arguments
+    # steps whose tensors do not all lead with the batch (MultiheadAttention with
+    # batch_first=False and the ops around it): (batch dim of the output, of each input)
+    layouts: dict[int, tuple[int | None, list[int | None]]] = field(default_factory=dict)
+    # per step, the positions in ``inputs`` of constants (a layer scale): no batch dim
+    unbatched: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 
@@ -75,10 +80,16 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
     if isinstance(step, Gate):
         signal, gate = args
         return signal * gate
-    if isinstance(step, LayerNorm):
-        x = args[0]
-        w, b = (None if t is None else t.to(x.dtype) for t in (step.weight, step.bias))
-        return F.layer_norm(x, step.normalized_shape, w, b, step.eps)
+    if isinstance(step, Normalization):
+        return normalization_forward(step, args[0])
+    if isinstance(step, Product):
+        u, v = args
+        if step.kind == "mul":
+            return u * v
+        if min(u.dim(), v.dim()) < 3:  # the batch would be a matrix dim: samples mix
+            raise ValueError("a matmul of two signals needs both at least 3-D (the batch "
+                             "and a matrix): with a 2-D operand it mixes samples")
+        return torch.matmul(u, v)
     raise AssertionError(type(step))  # MaxPool/Reshape/Meta/Constant: handled by the caller
 
 
@@ -95,6 +106,111 @@ def _last_reads(plan: Plan) -> list[list[int]]:
     return per_step
 
 
+LOST = -1  # a batch dim that no single dim of a tensor holds any more (x.view(N·L, E))
+
+
+def _batch_dim_after(step: Step, args: list, ins: list[int | None], out: torch.Tensor,
+                     n: int, values: list) -> int | None:
+    """The dim of ``out`` that holds the batch, from its inputs' (``ins``)."""
+    known = [b for b in ins if b is not None]
+    if not known:
+        return None  # computed from constants only
+    if any(b != known[0] for b in known):
+        return LOST
+    b = known[0]
+    if b == LOST:
+        return LOST
+    if isinstance(step, Attention) and step.v_weight is not None:
+        return b  # (as its query and value; checked where relevance needs it)
+    if isinstance(step, Cat):
+        return LOST if step.dim % out.dim() == b else b
+    if isinstance(step, Reshape) and step.undo is None:
+        # row-major: the batch stays a dim of its own where the sizes before it multiply
+        # to the same number
+        before = args[0].shape[:b].numel()
+        for k in range(out.dim()):
+            if out.shape[:k].numel() == before and out.shape[k] == n:
+                return k
+        return LOST
+    if isinstance(step, Broadcast):  # copies: follow a marker's values
+        a = args[0]
+        marker = _marker(a, b, n)
+        moved = step.fn(marker, *resolve(step.args, values), **resolve(step.kwargs, values))
+        for k in range(moved.dim()):
+            if moved.shape[k] == n and bool((moved == _marker(moved, k, n)).all()):
+                return k
+        return LOST
+    if isinstance(step, (Reshape, Select)):  # views: follow a marker along the batch dim
+        a = args[0]
+        marker = _marker(a, b, n)
+        if isinstance(step, Select):
+            moved = step.apply(marker, *(_resolve_selection(step, values)))
+        else:
+            moved = step.fn(marker, *resolve(step.args, values), **resolve(step.kwargs, values))
+        if isinstance(moved, torch.Tensor):
+            for k in range(moved.dim()):
+                if moved.shape[k] == n and (moved.stride(k) != 0 or n == 1):
+                    return k
+        return LOST
+    return b
+
+
+def _marker(like: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """The sample index of every element of ``like`` (batch in dim ``b``), as a broadcast
+    view (no memory)."""
+    return torch.arange(n, device=like.device).view(
+        [n if d == b else 1 for d in range(like.dim())]).expand(like.shape)
+
+
+def _resolve_selection(step: Select, values: list) -> tuple:
+    return resolve(step.args, values), resolve(step.kwargs, values)
+
+
+def _moved_batch_dim(step: Step, layout: tuple[int | None, list[int | None]]) -> int:
+    """The batch dim a propagator's step works across, when it is not 0; refuses the steps
+    whose rule cannot see their tensors batch first (convolutions, pools, BatchNorm,
+    GroupNorm, max-pool), naming the step."""
+    out_dim, ins = layout
+    b = out_dim
+    what = f"{step.target!r} (node {step.name!r})"
+    if b is None or b == LOST or any(i not in (b, None) for i in ins):
+        raise NotImplementedError(
+            f"rlrp_fast explains each sample on its own, so it needs the batch as the first "
+            f"dimension of every tensor (or as a dim of its own, batch_first=False); the "
+            f"tensors of {what} mix samples or hold them in different dims")
+    if isinstance(step, Attention):
+        if step.v_weight is None or step.batch_first != (b == 0):
+            raise NotImplementedError(f"{what} reads tensors whose batch is dim {b}, not "
+                                      "where the attention takes it")
+    elif isinstance(step, (Pool, Scale, MaxPool)) or (isinstance(step, Affine) and step.is_conv) \
+            or (isinstance(step, Normalization) and step.kind == "group") \
+            or (isinstance(step, Product) and step.kind == "matmul"):
+        raise NotImplementedError(f"{what} reads a tensor whose batch is dim {b}, not dim 0 "
+                                  "(supported there: Linear, layer/RMS norms, activations, "
+                                  "gates, sums, attention, reshapes)")
+    return b
+
+
+def _to_batch_first(t: torch.Tensor, b: int, rank: int) -> torch.Tensor:
+    """``t`` (broadcastable against a ``rank``-dim tensor whose batch is dim ``b``) as a view
+    whose batch is dim 0; dims missing on the left count as broadcast."""
+    if t.dim() < rank:
+        t = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+    return t.movedim(b, 0)
+
+
+def _batch_first(step: Step, args: list, b: int, rank: int) -> list:
+    """A step's tape entries with the batch first (attention's bias already is)."""
+    if isinstance(step, Normalization) and any(d % rank <= b for d in step.dims):
+        raise NotImplementedError(f"{step.target!r} (node {step.name!r}) normalises over "
+                                  "the batch dim")
+    if isinstance(step, Affine) and b == rank - 1:
+        raise NotImplementedError(f"{step.target!r} (node {step.name!r}) is a Linear over "
+                                  "the batch dim")
+    moved = args[:3] if isinstance(step, Attention) else args
+    return [_to_batch_first(t, b, rank) for t in moved] + args[len(moved):]
+
+
 def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 propagators: list[Propagator | None], record: dict | None = None
                 ) -> tuple[torch.Tensor, Tape]:
@@ -102,15 +218,23 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
     ``record``, if given, receives every slot's value (trace verification reads them)."""
     values: list = [None] * plan.num_slots
     values[plan.input_slot] = x
+    # per slot, the dim holding the batch (None: a constant; LOST: no single dim holds it)
+    batch_dims: list[int | None] = [None] * plan.num_slots
+    batch_dims[plan.input_slot] = 0
+    n = x.shape[0]
     tape = Tape({}, {}, {}, {})
     release = _last_reads(plan)
     for i, step in enumerate(plan.steps):
         args = [values[s] for s in step.inputs]
         if isinstance(step, Gate):  # the rules read the gate too
             args.append(values[step.gate])
-        elif isinstance(step, Attention):  # and attention its query and key
+        elif isinstance(step, Attention):  # and attention its query, key and masks
             args += [values[step.query], values[step.key]]
         try:
+            if isinstance(step, Attention):
+                bias = attention_bias(step, args[1], args[2],
+                                      [values[s] for s in step.mask_slots])
+                args += [] if bias is None else [bias]
             if isinstance(step, MaxPool):
                 out, indices = step.fn(args[0])
                 tape.pool_indices[i] = indices
@@ -118,6 +242,10 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
             elif isinstance(step, Reshape):
                 out = step.fn(args[0], *resolve(step.args, values), **resolve(step.kwargs, values))
                 tape.shapes[i] = [args[0].shape]
+            elif isinstance(step, Broadcast):
+                chosen = (resolve(step.args, values), resolve(step.kwargs, values))
+                out = step.fn(args[0], *chosen[0], **chosen[1])
+                tape.shapes[i], tape.selections[i] = [args[0].shape], chosen
             elif isinstance(step, Select):
                 chosen = (resolve(step.args, values), resolve(step.kwargs, values))
                 out = step.apply(args[0], *chosen)
@@ -129,7 +257,8 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
             elif isinstance(step, Meta):
                 out = step.fn(*resolve(step.args, values), **resolve(step.kwargs, values))
             elif isinstance(step, Constant):  # in the forward's dtype, as weights are
-                out = step.value.to(x.dtype)
+                value = step.value  # (a bool mask stays bool)
+                out = value.to(x.dtype) if value.is_floating_point() else value
             elif isinstance(step, Cat) and step.operands:  # with constants (no relevance)
                 every = [values[s] for s in step.operands]
                 out = torch.cat(every, dim=step.dim)
@@ -145,11 +274,25 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
             shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
             raise StepError(f"{step.target!r} (node {step.name!r}) failed on input shape(s) "
                             f"{shapes}: {exc}") from exc
+        if not isinstance(step, (Meta, Constant)):
+            ins = [batch_dims[s] for s in step.inputs]
+            batch_dims[step.output] = _batch_dim_after(step, args, ins, out, n, values)
+            seq_first = isinstance(step, Attention) and not step.batch_first
+            if any(b != 0 for b in ins) or batch_dims[step.output] != 0 or seq_first:
+                tape.layouts[i] = (batch_dims[step.output], ins)
         prop = propagators[i]
         if prop is not None:
+            if i in tape.layouts:  # the rules see every sample's tensors batch first
+                b = _moved_batch_dim(step, tape.layouts[i])
+                args, out_kept = _batch_first(step, args, b, out.dim()), _to_batch_first(
+                    out, b, out.dim())
+            else:
+                out_kept = out
             tape.inputs[i] = args
+            if isinstance(step, Gate) and batch_dims[step.gate] is None:
+                tape.unbatched[i] = (1,)
             if prop.needs_output:
-                tape.outputs[i] = out
+                tape.outputs[i] = out_kept
         values[step.output] = out
         if record is not None:
             record[step.output] = out
@@ -214,6 +357,8 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
             parts = prop(backend, step, r, inputs, tape.outputs.pop(i, None))
             if keep_mass:
                 norms.append(sum(p.value_l1() for p in parts))
+        elif i in tape.layouts:  # route in the forward's layout, hand on batch first
+            parts = _route_in_layout(step, r, tape, i)
         else:
             parts = _route(step, r, tape, i)
         for slot, part in zip(step.inputs, parts):
@@ -230,26 +375,38 @@ def run_relevance(plan: Plan, tape: Tape, r_out: torch.Tensor, backend: Backend,
 
 
 class _RepeatedRows(dict):
-    """A tape dict whose tensors come out with every batch row repeated K times."""
+    """A tape dict whose tensors come out with every batch row repeated K times (except
+    the constants ``unbatched`` lists: they have no batch rows)."""
 
-    def __init__(self, inner: dict, repeat: int):
+    def __init__(self, inner: dict, repeat: int, unbatched: dict | None = None):
         super().__init__(inner)
-        self.repeat = repeat
+        self.repeat, self.unbatched = repeat, unbatched or {}
 
     def pop(self, key, *default):
         value = super().pop(key, *default)
         if isinstance(value, torch.Tensor):
             return value.repeat_interleave(self.repeat, 0)
         if isinstance(value, list):
-            return [v.repeat_interleave(self.repeat, 0) for v in value]
+            keep = self.unbatched.get(key, ())
+            return [v if j in keep else v.repeat_interleave(self.repeat, 0)
+                    for j, v in enumerate(value)]
         return value
 
 
 def _repeated(tape: Tape, repeat: int) -> Tape:
-    shapes = {i: [torch.Size((s[0] * repeat, *s[1:])) if len(s) else s for s in ss]
-              for i, ss in tape.shapes.items()}
-    return Tape(_RepeatedRows(tape.inputs, repeat), _RepeatedRows(tape.outputs, repeat),
-                _RepeatedRows(tape.pool_indices, repeat), shapes, tape.selections)
+    def grown(s: torch.Size, b: int | None) -> torch.Size:
+        if not len(s) or b is None or b == LOST:
+            return s
+        return torch.Size((*s[:b], s[b] * repeat, *s[b + 1:]))
+
+    shapes = {}
+    for i, ss in tape.shapes.items():
+        ins = tape.layouts[i][1] if i in tape.layouts else [0] * len(ss)
+        ins = ins if len(ins) == len(ss) else [0] * len(ss)  # (a cat's constants: no relevance)
+        shapes[i] = [grown(s, b) for s, b in zip(ss, ins)]
+    return Tape(_RepeatedRows(tape.inputs, repeat, tape.unbatched),
+                _RepeatedRows(tape.outputs, repeat), _RepeatedRows(tape.pool_indices, repeat),
+                shapes, tape.selections, tape.layouts, tape.unbatched)
 
 
 def _unit_max(r: Rel) -> Rel:
@@ -269,12 +426,12 @@ def _safe_inputs(step: Step, inputs: list[torch.Tensor], dtype: torch.dtype
                  ) -> list[torch.Tensor]:
     """:func:`_joint_unit_max` of a step's inputs, except attention's query and key (the
     softmax is not invariant to their scale; only the value's scale cancels), a gate (bounded,
-    and a constant gate has no batch dimension), a layer norm's input (``σ = √(var + eps)``
+    and a constant gate has no batch dimension), a normalisation's input (``σ = √(var + eps)``
     does not scale with it; ``x/σ`` is bounded anyway) and window attention's input (it is
     the query and key too)."""
     if isinstance(step, (Attention, Gate)):  # a gate (or constant) is bounded: signal only
         return _joint_unit_max(inputs[:1], dtype) + [t.to(dtype) for t in inputs[1:]]
-    if isinstance(step, (LayerNorm, WindowAttention)):
+    if isinstance(step, (Normalization, WindowAttention)):
         return [t.to(dtype) for t in inputs]
     return _joint_unit_max(inputs, dtype)
 
@@ -285,6 +442,26 @@ def _max_abs(t: torch.Tensor) -> torch.Tensor:
 
 def _divide_by_max(t: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     return t / per_sample(torch.where(peak > 0, peak, torch.ones_like(peak)), t)
+
+
+def _route_in_layout(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
+    """:func:`_route` for a step whose tensors do not all lead with the batch: relevance
+    travels batch first (every per-sample sum reads dim 0), so it is moved to the forward's
+    layout for the routing and back after."""
+    out_dim, ins = tape.layouts[i]
+    if out_dim is None or out_dim == LOST or isinstance(step, MaxPool):
+        raise NotImplementedError(
+            f"rlrp_fast explains each sample on its own, so it needs the batch as the first "
+            f"dimension of every tensor (or as a dim of its own, batch_first=False); {step.target!r} (node {step.name!r}) outputs a "
+            "tensor in which no single dim does")
+    parts = _route(step, Rel(r.value.movedim(0, out_dim), r.mass, r.l1), tape, i)
+    moved = []
+    for part, b in zip(parts, ins):
+        if b is None or b == LOST:
+            raise NotImplementedError(f"{step.target!r} (node {step.name!r}) reads a tensor "
+                                      "in which no single dim holds the batch")
+        moved.append(Rel(part.value.movedim(b, 0), part.mass, part.l1))
+    return moved
 
 
 def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
@@ -301,6 +478,19 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
     if isinstance(step, Reshape):
         value = step.undo(r.value) if step.undo is not None else r.value.reshape(tape.shapes[i][0])
         return [Rel(value, r.mass, r.l1)]
+    if isinstance(step, Broadcast):  # each element: the sum of its copies
+        (shape,) = tape.shapes[i]
+        args, _ = tape.selections.pop(i)
+        if step.fn is torch.Tensor.repeat:
+            sizes = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) \
+                else tuple(args)
+            full = (1,) * (len(sizes) - len(shape)) + tuple(shape)
+            tiles = [d for pair in zip(sizes, full) for d in pair]  # (copies, size) per dim
+            value = r.value.reshape(tiles).sum(tuple(range(0, len(tiles), 2))).reshape(shape)
+        else:
+            value = r.value.sum_to_size(shape)
+        # copies of opposite sign cancel: the mass stays, as at a fork
+        return [Rel(value, r.mass)]
     if isinstance(step, Select):  # the same selection on zeros is a view to fill
         (shape,) = tape.shapes[i]
         out = r.value.new_zeros(shape)

@@ -12,10 +12,15 @@ Step kinds (one class each):
 - ``MaxPool``  MaxPool* / AdaptiveMaxPool*; relevance goes to the winning element.
 - ``Reshape``  view/reshape/flatten/squeeze/unsqueeze/permute/transpose/swapaxes, roll;
   relevance follows the element.
+- ``Broadcast`` expand/expand_as/broadcast_to/repeat: copies of each element; relevance of
+  the copies is summed back.
 - ``Gate``     a product with a gate (squeeze-excitation) or a constant (layer scale):
   relevance to the signal only.
+- ``Product``  a product of two signals (``x * y``, ``x @ y``): both operands share the
+  relevance.
 - ``Constant`` a parameter or number used directly in ``forward``.
-- ``LayerNorm`` layer normalisation, linear in its input with ``σ`` held constant.
+- ``Normalization`` LayerNorm, GroupNorm, RMSNorm (and a LayerNorm written out): linear in
+  its input with ``σ`` held constant.
 - ``Add``      residual sum of two or more tensors (constants added take nothing).
 - ``Cat``      concatenation; each input receives its slice (a constant's is dropped).
 - ``Attention`` ``nn.MultiheadAttention`` / ``F.scaled_dot_product_attention`` as one step:
@@ -164,6 +169,18 @@ class Reshape(Step):
 
 
 @dataclass(frozen=True, eq=False)
+class Broadcast(Step):
+    """Copies of each element: ``z = fn(a, *args, **kwargs)`` (``expand``, ``expand_as``,
+    ``broadcast_to``, ``repeat``). Each element receives the sum of its copies' relevance
+    (rescaled to the arriving L1 mass under R-LRP, as at a fork: copies of opposite sign
+    cancel)."""
+
+    fn: Callable[..., torch.Tensor]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
 class Gate(Step):
     """``z = signal ⊙ gate`` (broadcasting either way), ``gate`` the slot of a Sigmoid or
     Hardsigmoid output (through reshapes) or of a :class:`Constant` (a layer scale): a product
@@ -171,6 +188,15 @@ class Gate(Step):
     relevance (docs/RLRP_SPEC.md, "Gates: the signal takes all")."""
 
     gate: int
+
+
+@dataclass(frozen=True, eq=False)
+class Product(Step):
+    """``z = u ⊙ v`` (``kind`` ``"mul"``, broadcasting) or ``z = u @ v`` (``"matmul"``) of two
+    signals, neither a gate nor a constant: ``inputs`` is ``(u, v)`` (the same slot twice for
+    ``x * x``) and both share the relevance (docs/RLRP_SPEC.md, "Products of two signals")."""
+
+    kind: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,15 +208,57 @@ class Constant(Step):
 
 
 @dataclass(frozen=True, eq=False)
-class LayerNorm(Step):
-    """``z = γ ⊙ (x − μ) / σ + β`` over the last ``len(normalized_shape)`` dims, ``σ`` the
-    biased standard deviation with ``eps``. For relevance ``σ`` is held constant, so it is the
-    linear map ``J = diag(γ/σ)(I − 11ᵀ/n)`` of each normalised group (docs/RLRP_SPEC.md)."""
+class Normalization(Step):
+    """A normalisation layer, ``z = γ ⊙ (x − μ) / σ + β`` per normalised group, linear in
+    ``x`` for relevance with ``σ`` held constant: ``J = diag(γ/σ)(I − 11ᵀ/n)`` per group
+    (docs/RLRP_SPEC.md, "Modern blocks").
 
-    normalized_shape: tuple[int, ...]
+    ``kind`` says which: ``"layer"`` (LayerNorm, or one written out in ``forward``: groups
+    over ``dims``), ``"rms"`` (RMSNorm over ``dims``: no centring, ``σ = √(mean x² + eps)``,
+    no ``β``), ``"group"`` (GroupNorm: the channels (dim 1) split into ``num_groups``
+    groups, each with all its positions). ``σ`` is the biased standard deviation (RMS for
+    ``"rms"``) with ``eps``; ``eps`` None (RMSNorm's default) is ``torch.finfo(x.dtype).eps``.
+    ``weight``/``bias`` broadcast against ``x`` as stored, except for ``"group"``, where
+    they hold one value per channel (see :meth:`per_element`)."""
+
+    kind: str
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    eps: float
+    eps: float | None
+    dims: tuple[int, ...] = ()
+    num_groups: int | None = None
+
+    @property
+    def centred(self) -> bool:
+        return self.kind != "rms"
+
+    def trailing(self, ndim: int) -> bool:
+        """Whether ``dims`` are the last ones of an ``ndim``-dim input (LayerNorm's layout)."""
+        dims = sorted(d % ndim for d in self.dims)
+        return dims == list(range(ndim - len(dims), ndim))
+
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the input's shape) as ``(N, G, n)``: one row per normalised group."""
+        if self.kind == "group":
+            return t.reshape(t.shape[0], self.num_groups, -1)
+        moved = t.movedim(self.dims, tuple(range(-len(self.dims), 0)))
+        return moved.reshape(t.shape[0], -1, moved.shape[-len(self.dims):].numel())
+
+    def ungrouped(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`grouped`: ``(N, G, n)`` back to ``like``'s shape."""
+        if self.kind == "group":
+            return g.reshape(like.shape)
+        moved_shape = like.movedim(self.dims, tuple(range(-len(self.dims), 0))).shape
+        return g.reshape(moved_shape).movedim(tuple(range(-len(self.dims), 0)), self.dims)
+
+    def per_element(self, t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+        """``weight`` or ``bias`` shaped to broadcast against an ``ndim``-dim input."""
+        if t is None or self.kind != "group":
+            return t
+        return t.view(-1, *([1] * (ndim - 2)))
+
+    def epsilon(self, dtype: torch.dtype) -> float:
+        return torch.finfo(dtype).eps if self.eps is None else self.eps
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,7 +301,7 @@ class Cat(Step):
 
 @dataclass(frozen=True, eq=False)
 class Attention(Step):
-    """Scaled dot-product attention as one step: ``nn.MultiheadAttention`` (batch first; the
+    """Scaled dot-product attention as one step: ``nn.MultiheadAttention`` (the
     ``q/k/v`` projections, split into ``num_heads`` heads, attention, heads merged, output
     projection) or ``F.scaled_dot_product_attention`` (no projections: ``v_weight`` is None,
     heads already a dimension). ``inputs`` is the value input only; ``query`` and ``key`` are
@@ -252,13 +320,24 @@ class Attention(Step):
     out_weight: torch.Tensor | None = None
     out_bias: torch.Tensor | None = None
     scale: float | None = None
+    # masks: slots of the ``attn_mask`` and (MultiheadAttention) ``key_padding_mask`` tensors,
+    # read with the module's or function's own convention (bool: MultiheadAttention masks
+    # where True, SDPA attends where True; float: added to the scores), and a causal mask
+    mask: int | None = None
+    padding_mask: int | None = None
+    causal: bool = False
+    batch_first: bool = True  # MultiheadAttention(batch_first=False): (L, N, E) tensors
+
+    @property
+    def mask_slots(self) -> tuple[int, ...]:
+        return tuple(s for s in (self.mask, self.padding_mask) if s is not None)
 
 
 @dataclass(frozen=True, eq=False)
 class Pad(Step):
     """``z = F.pad(a, pad, value=value)`` (constant mode; ``pad`` may hold slot references
     to sizes computed at run time; negative entries crop). The padded elements are constants:
-    relevance arriving there is dropped and the rest carries the whole mass (RLRP_SPEC.md,
+    relevance arriving there is dropped and the rest carries the whole mass (docs/RLRP_SPEC.md,
     "Constants take nothing"); cropped elements get nothing."""
 
     pad: tuple
@@ -282,7 +361,7 @@ class WindowAttention(Step):
     by ``bias_index``; V2 runs the continuous-position MLP ``cpb_weights``
     ``(w1, b1, w2, b2)`` on ``coords_table`` for the table and takes ``16·sigmoid``. For
     relevance ``P`` is held constant: the tokens are reached through the values only
-    (RLRP_SPEC.md, attention)."""
+    (docs/RLRP_SPEC.md, attention)."""
 
     window_size: tuple[int, int] | None
     shift_size: tuple[int, int]
@@ -333,8 +412,8 @@ def step_reads(step: Step) -> list[int]:
     if isinstance(step, Cat):
         slots += step.operands
     if isinstance(step, Attention):
-        slots += [step.query, step.key]
-    if isinstance(step, (Reshape, Meta, Select)):
+        slots += [step.query, step.key, *step.mask_slots]
+    if isinstance(step, (Reshape, Meta, Select, Broadcast)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
     if isinstance(step, Pad):
         slots += [r.slot for r in _iter_refs(step.pad)]

@@ -75,8 +75,9 @@ from typing import Sequence
 
 import torch
 
-from .plan import (Activation, Add, Affine, Attention, Cat, Constant, Gate, LayerNorm, MaxPool, Meta,
-                   Pad, Plan, Pool, Reshape, Scale, Select, SlotRef, WindowAttention)
+from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool,
+                   Meta, Normalization, Pad, Plan, Pool, Product, Reshape, Scale, Select,
+                   SlotRef, WindowAttention)
 
 DTYPE = torch.float64
 
@@ -401,65 +402,145 @@ class _Forward:
     linear_inputs: dict[int, torch.Tensor]  # step index → a (N, I)
     linear_outputs: dict[int, torch.Tensor]  # step index → z (N, J)
     pool_indices: dict[int, torch.Tensor]  # step index → max-pool winners
+    # slot → the dim holding the batch (None: a constant or no single dim)
+    batch_dims: list = None
+
+
+# Steps whose formula is per sample over a batch-first tensor: where the batch is another dim
+# (a MultiheadAttention with batch_first=False and the ops around it), their tensors are read
+# with the batch moved first, and relevance always travels batch first.
+_PER_SAMPLE = (Affine, Pool, Scale, Add, Gate, Normalization, Attention, WindowAttention,
+               Product)
+
+
+def _per_sample_reads(step) -> list[int]:
+    """The slots a per-sample step reads that carry the batch (masks keep their own layout)."""
+    slots = list(step.inputs)
+    if isinstance(step, Gate):
+        slots.append(step.gate)
+    if isinstance(step, Attention):
+        slots += [step.query, step.key]
+    if isinstance(step, Add):
+        slots += step.constants
+    return slots
+
+
+def _batch_first(t: torch.Tensor, b: int, rank: int) -> torch.Tensor:
+    """``t`` with dim ``b`` of a ``rank``-dim layout moved first (missing leading dims are
+    broadcast ones)."""
+    t = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+    return t.movedim(b, 0)
+
+
+def _sample_ids(shape, b: int | None, n: int) -> torch.Tensor:
+    """Each element's sample (−1 for a constant's elements)."""
+    if b is None:
+        return torch.full(shape, -1, dtype=torch.long)
+    view = [n if d == b else 1 for d in range(len(shape))]
+    return torch.arange(n).view(view).expand(shape).contiguous()
+
+
+def _batch_dim_of(ids: torch.Tensor, n: int) -> int | None:
+    """The dim along which ``ids`` (routed :func:`_sample_ids`) is the sample index (a
+    constant's elements, −1, belong to every sample)."""
+    for d in range(ids.dim()):
+        if ids.shape[d] == n and bool(((ids == _sample_ids(ids.shape, d, n)) | (ids < 0)).all()):
+            return d
+    return None
 
 
 def _forward(plan: Plan, x: torch.Tensor) -> _Forward:
     values: list = [None] * plan.num_slots
     values[plan.input_slot] = x.to(DTYPE)
-    fw = _Forward(values, {}, {}, {}, {})
+    fw = _Forward(values, {}, {}, {}, {}, [None] * plan.num_slots)
+    fw.batch_dims[plan.input_slot] = 0
+    n = x.shape[0]
     for k, step in enumerate(plan.steps):
-        args = [values[s] for s in step.inputs]
-        if isinstance(step, (Affine, Pool, Scale, Add)):
-            n = args[0].shape[0]
-            shapes = [tuple(a.shape[1:]) for a in args]
-            if isinstance(step, Affine):
-                op = _affine_op(step, shapes[0])
-            elif isinstance(step, Pool):
-                op = _pool_op(step, shapes[0])
-            elif isinstance(step, Scale):
-                op = _scale_op(step, shapes[0])
-            else:
-                op = _add_op(shapes)
-            a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
-            z_flat = _apply(op, a_flat)
-            if isinstance(step, Add) and step.constants:  # a bias, per sample (broadcast)
-                added = sum(values[c] for c in step.constants)
-                z_flat = z_flat + torch.broadcast_to(added, (n, *op.out_shape)).reshape(n, -1)
-            fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k] = op, a_flat, z_flat
-            out = z_flat.view(n, *op.out_shape)
-        elif isinstance(step, Activation):
-            out = step.fn(args[0])
-        elif isinstance(step, MaxPool):
-            # step.fn only tells which element won each window; the value is read from a.
-            _, winners = step.fn(args[0])
-            a = args[0]
-            out = a.flatten(2).gather(2, winners.flatten(2)).view(winners.shape)
-            fw.pool_indices[k] = winners
-        elif isinstance(step, Reshape):
-            out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
-        elif isinstance(step, Select):
-            out = step.apply(args[0], _resolve(step.args, values), _resolve(step.kwargs, values))
-        elif isinstance(step, Cat):
-            out = torch.cat([values[s] for s in step.operands] or args, dim=step.dim)
-        elif isinstance(step, Attention):
-            out = _attention(step, args[0], values[step.query], values[step.key])[-1]
-        elif isinstance(step, WindowAttention):
-            out = _window_attention(step, args[0])["y"]
-        elif isinstance(step, Pad):
-            out = torch.nn.functional.pad(args[0], tuple(_resolve(step.pad, values)),
-                                          value=step.value)
-        elif isinstance(step, Gate):
-            out = args[0] * values[step.gate]
-        elif isinstance(step, Constant):
-            out = step.value.to(DTYPE)
-        elif isinstance(step, LayerNorm):
-            out = _layer_norm(step, args[0])
-        elif isinstance(step, Meta):
-            out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
+        reads = _per_sample_reads(step)
+        b = fw.batch_dims[step.inputs[0]] if step.inputs else None
+        if isinstance(step, _PER_SAMPLE) and b not in (0, None):
+            rank = max(values[s].dim() for s in reads)
+            local = list(values)
+            for slot in reads:
+                local[slot] = _batch_first(values[slot], b, rank)
+            out = _forward_step(k, step, local, fw).movedim(0, b)
         else:
-            raise NotImplementedError(f"the reference has no forward for {type(step).__name__}")
+            out = _forward_step(k, step, values, fw)
         values[step.output] = out
+        if isinstance(step, (Reshape, Broadcast, Select, Cat)) and isinstance(out, torch.Tensor):
+            read = step.operands if isinstance(step, Cat) and step.operands else step.inputs
+            ids = [_sample_ids(tuple(values[s].shape), fw.batch_dims[s], n) for s in read]
+            if isinstance(step, Cat):
+                routed = torch.cat(ids, dim=step.dim)
+            elif isinstance(step, Select):
+                routed = step.apply(ids[0], _resolve(step.args, values),
+                                    _resolve(step.kwargs, values))
+            else:
+                routed = step.fn(ids[0], *_resolve(step.args, values),
+                                 **_resolve(step.kwargs, values))
+            fw.batch_dims[step.output] = _batch_dim_of(routed, n)
+        elif not isinstance(step, (Meta, Constant)):
+            fw.batch_dims[step.output] = b
     return fw
+
+
+def _forward_step(k, step, values, fw):
+    """One step's output from the slot values ``values`` (its linear op recorded in ``fw``)."""
+    args = [values[s] for s in step.inputs]
+    if isinstance(step, (Affine, Pool, Scale, Add)):
+        n = args[0].shape[0]
+        shapes = [tuple(a.shape[1:]) for a in args]
+        if isinstance(step, Affine):
+            op = _affine_op(step, shapes[0])
+        elif isinstance(step, Pool):
+            op = _pool_op(step, shapes[0])
+        elif isinstance(step, Scale):
+            op = _scale_op(step, shapes[0])
+        else:
+            op = _add_op(shapes)
+        a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
+        z_flat = _apply(op, a_flat)
+        if isinstance(step, Add) and step.constants:  # a bias, per sample (broadcast)
+            added = sum(values[c] for c in step.constants)
+            z_flat = z_flat + torch.broadcast_to(added, (n, *op.out_shape)).reshape(n, -1)
+        fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k] = op, a_flat, z_flat
+        out = z_flat.view(n, *op.out_shape)
+    elif isinstance(step, Activation):
+        out = step.fn(args[0])
+    elif isinstance(step, MaxPool):
+        # step.fn only tells which element won each window; the value is read from a.
+        _, winners = step.fn(args[0])
+        a = args[0]
+        out = a.flatten(2).gather(2, winners.flatten(2)).view(winners.shape)
+        fw.pool_indices[k] = winners
+    elif isinstance(step, (Reshape, Broadcast)):
+        out = step.fn(args[0], *_resolve(step.args, values), **_resolve(step.kwargs, values))
+    elif isinstance(step, Select):
+        out = step.apply(args[0], _resolve(step.args, values), _resolve(step.kwargs, values))
+    elif isinstance(step, Cat):
+        out = torch.cat([values[s] for s in step.operands] or args, dim=step.dim)
+    elif isinstance(step, Attention):
+        out = _attention(step, args[0], values[step.query], values[step.key],
+                         [values[m] for m in step.mask_slots])[-1]
+    elif isinstance(step, WindowAttention):
+        out = _window_attention(step, args[0])["y"]
+    elif isinstance(step, Pad):
+        out = torch.nn.functional.pad(args[0], tuple(_resolve(step.pad, values)),
+                                      value=step.value)
+    elif isinstance(step, Gate):
+        out = args[0] * values[step.gate]
+    elif isinstance(step, Product):
+        u, v = args
+        out = u * v if step.kind == "mul" else _product_terms(u, v).sum(-2)
+    elif isinstance(step, Constant):
+        out = step.value.to(DTYPE) if step.value.is_floating_point() else step.value
+    elif isinstance(step, Normalization):
+        out = _normalization(step, args[0])
+    elif isinstance(step, Meta):
+        out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
+    else:
+        raise NotImplementedError(f"the reference has no forward for {type(step).__name__}")
+    return out
 
 
 def reference_forward(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -590,10 +671,11 @@ _CONTRIBUTIONS = {"rlrp": _c_rlrp, "rlrp_neuron": _c_rlrp_neuron, "ratio": _c_ra
                   "zplus": _c_zplus, "alphabeta": _c_alphabeta,
                   "gamma": _c_gamma, "zbox": _c_zbox, "flat": _c_flat, "wsquare": _c_wsquare,
                   "pass": _c_pass}
-_MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "layer_norm", "pass_signal",
-                 "attention")
+_MASS_KEEPING = ("rlrp", "rlrp_neuron", "ratio", "pass", "gate", "normalization", "pass_signal",
+                 "attention", "product")
 # formulas of steps that are not a linear map of all their inputs (written out on their own)
-_ELEMENTWISE = ("gate", "layer_norm", "pass_signal", "attention", "attention_eps")
+_ELEMENTWISE = ("gate", "normalization", "pass_signal", "attention", "attention_eps", "product",
+                "product_uniform")
 
 
 def contributions(formula: str, op: _LinearOp, a: torch.Tensor, z: torch.Tensor,
@@ -614,15 +696,19 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
     first_conv = next((k for k, s in enumerate(plan.steps)
                        if isinstance(s, Affine) and s.conv_dims), None)
     for k, step in enumerate(plan.steps):
-        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention,
-                                 WindowAttention)):
+        if not isinstance(step, (Affine, Pool, Scale, Add, Gate, Normalization, Attention,
+                                 WindowAttention, Product)):
+            continue
+        if isinstance(step, Product):  # the layer form under both norms; LXT's uniform rule
+            out[k] = ("product", {}) if rule == "rlrp" else (
+                "product_uniform", {"eps": stab})
             continue
         if isinstance(step, (Attention, WindowAttention)):
             out[k] = ("attention", {"norm": options["norm"]}) if rule == "rlrp" else (
                 "attention_eps", {"eps": _attention_epsilon(step, rule, options, stab)})
             continue
-        if isinstance(step, (Gate, LayerNorm)):  # the classic rules: the signal takes R
-            kind = "gate" if isinstance(step, Gate) else "layer_norm"
+        if isinstance(step, (Gate, Normalization)):  # the classic rules: the signal takes R
+            kind = "gate" if isinstance(step, Gate) else "normalization"
             out[k] = ((kind, {"norm": options["norm"]}) if rule == "rlrp"
                       else ("pass_signal", {}))
             continue
@@ -765,8 +851,8 @@ def reference_explain(plan: Plan, x: torch.Tensor, rule: str | dict = "rlrp",
 def _check_assignment(plan: Plan, assignment: dict) -> dict[int, tuple[str, dict]]:
     """A per-step assignment, checked: exactly the linear steps, known formulas."""
     linear = {k for k, s in enumerate(plan.steps)
-              if isinstance(s, (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention,
-                                WindowAttention))}
+              if isinstance(s, (Affine, Pool, Scale, Add, Gate, Normalization, Attention,
+                                WindowAttention, Product))}
     if set(assignment) != linear:
         raise ValueError(f"the assignment must cover exactly the linear steps {sorted(linear)}; "
                          f"got {sorted(assignment)}")
@@ -804,31 +890,49 @@ def _explain(plan, x, formulas, target, output_relevance, trace):
         step = plan.steps[k]
         if not arrived[step.output] or isinstance(step, Meta):
             continue
-        r_z = _fork(arrived[step.output], keeps_mass)
-        inputs = [fw.values[s] for s in step.inputs]
+        r_z = _fork(arrived[step.output], keeps_mass)  # batch first, as all relevance
+        values = fw.values
+        b = fw.batch_dims[step.inputs[0]] if step.inputs else None
+        if isinstance(step, _PER_SAMPLE) and b is None:
+            raise NotImplementedError(f"{step.name}: no single dim of its input holds the "
+                                      "batch (a view merged it with another): samples mix")
+        if isinstance(step, _PER_SAMPLE) and b != 0:  # read batch first
+            reads = _per_sample_reads(step)
+            rank = max(values[s].dim() for s in reads)
+            values = list(values)
+            for slot in reads:
+                values[slot] = _batch_first(fw.values[slot], b, rank)
+        inputs = [values[s] for s in step.inputs]
         if isinstance(step, Gate):
-            parts = [_gate_backward(step, r_z, inputs[0], fw.values[step.gate], *formulas[k])]
+            parts = [_gate_backward(step, r_z, inputs[0], values[step.gate], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
-        elif isinstance(step, LayerNorm):
-            parts = [_layer_norm_backward(step, r_z, inputs[0], *formulas[k])]
+        elif isinstance(step, Normalization):
+            parts = [_normalization_backward(step, r_z, inputs[0], *formulas[k])]
+            records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
+        elif isinstance(step, Product):
+            parts = _product_backward(step, r_z, *inputs, *formulas[k])
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Attention):
-            parts = [_attention_backward(step, r_z, inputs[0], fw.values[step.query],
-                                         fw.values[step.key], *formulas[k])]
+            parts = [_attention_backward(step, r_z, inputs[0], values[step.query],
+                                         values[step.key], [values[m] for m in step.mask_slots],
+                                         *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, WindowAttention):
             parts = [_window_attention_backward(step, r_z, inputs[0], *formulas[k])]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif isinstance(step, Cat) and step.operands:
-            parts = _cat_with_constants(step, r_z, fw.values, keeps_mass)
+            parts = _cat_with_constants(step, r_z, fw, keeps_mass)
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         elif k in formulas:
             parts = _linear_backward(k, step, fw, r_z, formulas[k], records, inputs)
-        else:
-            parts = _route_backward(step, r_z, inputs, fw.pool_indices.get(k), fw.values)
-            if keeps_mass and isinstance(step, (MaxPool, Pad)):
-                # overlapping windows may sum opposite signs; a pad's constants take nothing:
-                # keep the arriving L1 mass
+        else:  # routing: in the forward's layout
+            r_here = _in_layout(r_z, fw.batch_dims[step.output], step)
+            parts = _route_backward(step, r_here, inputs, fw.pool_indices.get(k), fw.values)
+            parts = [_in_layout(p, fw.batch_dims[s], step, back=True)
+                     for p, s in zip(parts, step.inputs)]
+            if keeps_mass and isinstance(step, (MaxPool, Broadcast, Pad)):
+                # overlapping windows, copies, may sum opposite signs; a pad's constants take
+                # nothing: keep the arriving L1 mass
                 parts = [_renormalise(parts[0], r_z)]
             records.append(RoutingRecord(k, step.name, type(step).__name__, r_z, parts))
         for slot, part in zip(step.inputs, parts):
@@ -865,52 +969,87 @@ def _linear_backward(k, step, fw, r_z, formula_params, records, inputs):
     return [part.view(n, *s) for part, s in zip(r_a.split(sizes, dim=1), op.in_shapes)]
 
 
-def _layer_norm_parts(step: LayerNorm, x: torch.Tensor):
-    """Per normalised group (rows of ``x`` flattened to (N, G, n)): ``σ`` and ``γ`` (n,)."""
-    n = math.prod(step.normalized_shape)
-    groups = x.to(DTYPE).reshape(x.shape[0], -1, n)
-    mean = groups.sum(2, keepdim=True) / n
-    sigma = torch.sqrt(((groups - mean) ** 2).sum(2, keepdim=True) / n + step.eps)
-    gamma = (torch.ones(n, dtype=DTYPE) if step.weight is None
-             else step.weight.to(DTYPE).reshape(n))
-    return groups, mean, sigma, gamma, n
+def _normalization_parts(step: Normalization, x: torch.Tensor):
+    """One sample's elements (flattened) with the group each belongs to: ``x`` (N, I), the
+    group matrix ``same`` (I, I) (1 where elements ``i`` and ``j`` are normalised together),
+    the group size ``n``, ``μ`` and ``σ`` of each element's group (N, I), and ``γ``, ``β``
+    per element (I,). LayerNorm/RMSNorm group the elements that differ only in ``dims``;
+    GroupNorm those whose channel (dim 1) is in the same block of ``C / num_groups``."""
+    shape = tuple(x.shape[1:])
+    coords = torch.meshgrid(*[torch.arange(k) for k in shape], indexing="ij")
+    if step.kind == "group":
+        group = coords[0] // (shape[0] // step.num_groups)
+    else:  # the coordinates outside ``dims`` name the group
+        normalised = {d % (len(shape) + 1) - 1 for d in step.dims}
+        kept = [k for k in range(len(shape)) if k not in normalised]
+        group = _ravel([coords[k] for k in kept], [shape[k] for k in kept]) if kept \
+            else torch.zeros(shape, dtype=torch.long)
+    group = group.reshape(-1)
+    same = (group[:, None] == group[None, :]).to(DTYPE)
+    n = same.sum(1)                                                   # (I,) its group's size
+    flat = x.to(DTYPE).reshape(x.shape[0], -1)
+    eps = torch.finfo(DTYPE).eps if step.eps is None else step.eps
+    if step.kind == "rms":
+        mean = torch.zeros_like(flat)
+        sigma = torch.sqrt(flat ** 2 @ same / n + eps)
+    else:
+        mean = flat @ same / n
+        sigma = torch.sqrt((flat - mean) ** 2 @ same / n + eps)
+    def per_element(t):
+        if t is None:
+            return None
+        t = t.to(DTYPE)
+        if step.kind == "group":
+            t = t.view(-1, *([1] * (len(shape) - 1)))
+        return torch.broadcast_to(t, shape).reshape(-1)
+    ones = torch.ones(flat.shape[1], dtype=DTYPE)
+    gamma = per_element(step.weight)
+    return flat, same, n, mean, sigma, ones if gamma is None else gamma, per_element(step.bias)
 
 
-def _layer_norm(step: LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    groups, mean, sigma, gamma, _ = _layer_norm_parts(step, x)
-    out = (groups - mean) / sigma * gamma
-    if step.bias is not None:
-        out = out + step.bias.to(DTYPE).reshape(-1)
-    return out.view(x.shape)
+def _normalization(step: Normalization, x: torch.Tensor) -> torch.Tensor:
+    flat, _, _, mean, sigma, gamma, beta = _normalization_parts(step, x)
+    out = (flat - mean) / sigma * gamma
+    return (out if beta is None else out + beta).view(x.shape)
 
 
-def _layer_norm_backward(step, r_z, x, formula, options) -> torch.Tensor:
-    """σ held constant, each group is the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``: R-LRP's
-    contributions ``c_ij = x_i J_ji R_j`` (``norm="neuron"``: divided by
-    ``s_j = Σ_i |x_i J_ji|``), written out as the full matrix per group, then renormalised per
+def _normalization_backward(step, r_z, x, formula, options) -> torch.Tensor:
+    """σ held constant, a normalisation is the linear map
+    ``J_ji = γ_j/σ_j (δ_ji − [i, j in one group]/n)`` (RMSNorm: ``γ_j/σ_j δ_ji``) on the
+    whole sample: R-LRP's contributions ``c_ij = x_i J_ji R_j`` (``norm="neuron"``: divided
+    by ``s_j = Σ_i |x_i J_ji|``), written out as the full matrix, then renormalised per
     sample. Classic rules: identity (LXT)."""
     if formula == "pass_signal":
         return r_z.to(DTYPE)
-    groups, _, sigma, gamma, n = _layer_norm_parts(step, x)
-    r = r_z.to(DTYPE).reshape(groups.shape)
-    centring = torch.eye(n, dtype=DTYPE) - 1.0 / n                    # (I − 11ᵀ/n)[j, i]
-    jac = (gamma[:, None] / sigma[..., None]) * centring              # (N, G, n_j, n_i)
-    c = groups[:, :, None, :] * jac * r[..., None]                    # c[n, g, j, i]
+    flat, same, n, _, sigma, gamma, _ = _normalization_parts(step, x)
+    eye = torch.eye(flat.shape[1], dtype=DTYPE)
+    centring = eye if step.kind == "rms" else eye - same / n[:, None]  # [j, i]
+    jac = (gamma / sigma)[:, :, None] * centring                      # (N, J, I)
+    r = r_z.to(DTYPE).reshape(flat.shape)
+    c = flat[:, None, :] * jac * r[:, :, None]                        # c[n, j, i]
     if options["norm"] == "neuron":
-        s = (groups[:, :, None, :] * jac).abs().sum(3, keepdim=True)
+        s = (flat[:, None, :] * jac).abs().sum(2, keepdim=True)
         c = torch.where(s > 0, c / torch.where(s > 0, s, torch.ones_like(s)),
                         torch.zeros_like(c))
-    r_tilde = c.sum(2).reshape(x.shape[0], -1)
-    return _renormalise(r_tilde, r_z.reshape(x.shape[0], -1)).view(x.shape)
+    return _renormalise(c.sum(1), r).view(x.shape)
 
 
-def _cat_with_constants(step, r_z, values, keeps_mass) -> list[torch.Tensor]:
+def _in_layout(r: torch.Tensor, b: int | None, step, back: bool = False) -> torch.Tensor:
+    """Batch-first relevance in a tensor's forward layout (batch dim ``b``), or ``back``."""
+    if b is None:
+        raise NotImplementedError(f"{step.name}: no single dim of its tensor holds the batch")
+    return r.movedim(b, 0) if back else r.movedim(0, b)
+
+
+def _cat_with_constants(step, r_z, fw, keeps_mass) -> list[torch.Tensor]:
     """``cat`` with constant operands (a class token): each operand's slice as for any cat,
     the constants' slices dropped; for R-LRP the others jointly rescaled to ``‖R_y‖₁`` (the
-    constant's share goes back to the inputs, as a bias's does)."""
-    shapes = [tuple(values[s].shape) for s in step.operands]
-    every = _route_by_index(lambda pos: torch.cat(pos, dim=step.dim), shapes, r_z)
-    kept = [p for p, s in zip(every, step.operands) if s in step.inputs]
+    constant's share goes back to the inputs, as a bias's does). Batch first in and out."""
+    shapes = [tuple(fw.values[s].shape) for s in step.operands]
+    r_here = _in_layout(r_z, fw.batch_dims[step.output], step)
+    every = _route_by_index(lambda pos: torch.cat(pos, dim=step.dim), shapes, r_here)
+    kept = [_in_layout(p, fw.batch_dims[s], step, back=True)
+            for p, s in zip(every, step.operands) if s in step.inputs]
     if not keeps_mass:
         return kept
     n = r_z.shape[0]
@@ -919,10 +1058,38 @@ def _cat_with_constants(step, r_z, values, keeps_mass) -> list[torch.Tensor]:
     return [j.view(p.shape) for j, p in zip(joint.split(sizes, 1), kept)]
 
 
-def _attention(step: Attention, xv, xq, xk):
-    """The attention step written out in float64: ``q, k, v`` per head ``(N, H, L, d)`` (as
-    given for scaled_dot_product_attention), ``P = softmax(q kᵀ·scale)``, ``o = P v`` (heads
-    merged: ``(N, L, H·d)``) and the output ``o W_oᵀ + b_o``. Returns ``(v, P, o, out)``."""
+def _blocked(step: Attention, masks, scores: torch.Tensor):
+    """The scores with the masks applied, each by its own convention: a MultiheadAttention's
+    bool ``attn_mask`` and ``key_padding_mask`` (N, S) block where True, SDPA's bool mask
+    allows where True; float masks are added; ``attn_mask`` of a MultiheadAttention may be
+    (N·H, L, S); a causal mask blocks key ``s > l``. Blocked scores become −∞."""
+    mha = step.v_weight is not None
+    n, length, source = scores.shape[0], scores.shape[-2], scores.shape[-1]
+    masks = list(masks)
+    if step.mask is not None:
+        mask = masks.pop(0)
+        if mha and mask.dim() == 3:
+            mask = mask.reshape(n, -1, length, source)
+        if mask.dtype == torch.bool:
+            blocked = mask if mha else ~mask
+            scores = scores.masked_fill(blocked, float("-inf"))
+        else:
+            scores = scores + mask.to(DTYPE)
+    if step.padding_mask is not None:
+        pad = masks.pop(0)[:, None, None, :]
+        scores = (scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool
+                  else scores + pad.to(DTYPE))
+    if step.causal:
+        later = torch.arange(source)[None, :] > torch.arange(length)[:, None]
+        scores = scores.masked_fill(later, float("-inf"))
+    return scores
+
+
+def _attention(step: Attention, xv, xq, xk, masks=()):
+    """The attention step written out in float64, batch first: ``q, k, v`` per head
+    ``(N, H, L, d)`` (as given for scaled_dot_product_attention),
+    ``P = softmax(q kᵀ·scale + masks)``, ``o = P v`` (heads merged: ``(N, L, H·d)``) and the
+    output ``o W_oᵀ + b_o``. Returns ``(v, P, o, out)``."""
     xv, xq, xk = (t.to(DTYPE) for t in (xv, xq, xk))
 
     def project(x, w, b):
@@ -937,7 +1104,7 @@ def _attention(step: Attention, xv, xq, xk):
         q, k, v = (project(xq, step.q_weight, step.q_bias), project(xk, step.k_weight, step.k_bias),
                    project(xv, step.v_weight, step.v_bias))
     scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("...ld,...sd->...ls", q, k) * scale
+    scores = _blocked(step, masks, torch.einsum("...ld,...sd->...ls", q, k) * scale)
     e = torch.exp(scores - scores.amax(-1, keepdim=True))
     p = e / e.sum(-1, keepdim=True)
     o = torch.einsum("...ls,...sd->...ld", p, v)
@@ -968,13 +1135,13 @@ def _dense_rule(a, matrix, bias, r, formula, options) -> torch.Tensor:
     return _renormalise(c.sum(1), r)
 
 
-def _attention_backward(step, r_z, xv, xq, xk, formula, options) -> torch.Tensor:
+def _attention_backward(step, r_z, xv, xq, xk, masks, formula, options) -> torch.Tensor:
     """Attention as three linear sub-steps, each an explicit per-sample matrix over
     (tokens × features): the output projection ``kron(I_L, W_o)`` with input ``o``, the
     value mixing ``P`` (per head, the identity over features) with input ``V`` (``P`` held
     constant), the value projection ``kron(I_S, W_v)`` with input ``x``; R-LRP renormalises
     after each, ε divides by each sub-step's own ``z``. Query and key get nothing."""
-    v, p, o, _ = _attention(step, xv, xq, xk)
+    v, p, o, _ = _attention(step, xv, xq, xk, masks)
     n = r_z.shape[0]
     r = r_z.to(DTYPE).reshape(n, -1)
     if step.out_weight is not None:
@@ -1136,6 +1303,36 @@ def _window_attention_backward(step, r_z, x, formula, options) -> torch.Tensor:
     r_x = torch.zeros(n, height * width, c, dtype=DTYPE)
     r_x.index_add_(1, source[valid], r.view(n, windows, tokens, c)[:, valid])
     return r_x.view(x.shape)
+def _product_terms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``t[..., i, k, j] = u[..., i, k] · v[..., k, j]``: a matmul's terms (``Σ_k`` is
+    ``u @ v``), batch dims broadcast."""
+    return u[..., :, :, None] * v[..., None, :, :]
+
+
+def _product_backward(step, r_z, u, v, formula, options) -> list[torch.Tensor]:
+    """A product of two signals. R-LRP: both operands receive the same contributions
+    ``c = u v R`` (a matmul: ``c_ikj = u_ik v_kj R_ij``, summed over ``j`` for ``u`` and over
+    ``i`` for ``v``; broadcast dims summed), jointly renormalised to ``‖R‖₁``. Classic rules
+    (LXT's uniform rule): ``x * y`` gives each ``R / 2``; ``u @ v`` divides by
+    ``stab(2 z)``."""
+    u, v, r = u.to(DTYPE), v.to(DTYPE), r_z.to(DTYPE)
+    n = r.shape[0]
+    if step.kind == "mul":
+        if formula == "product_uniform":
+            return [(r / 2).sum_to_size(u.shape), (r / 2).sum_to_size(v.shape)]
+        c = u * v * r
+        parts = [c.sum_to_size(u.shape), c.sum_to_size(v.shape)]
+    else:
+        terms = _product_terms(u, v)                                    # (…, i, k, j)
+        if formula == "product_uniform":
+            r = r / _stab(2 * terms.sum(-2), options["eps"])
+        c = terms * r[..., :, None, :]
+        parts = [c.sum(-1).sum_to_size(u.shape), c.sum(-3).sum_to_size(v.shape)]
+        if formula == "product_uniform":
+            return parts
+    joint = _rescale(torch.cat([p.reshape(n, -1) for p in parts], 1), _l1(r))
+    sizes = [p[0].numel() for p in parts]
+    return [j.view(p.shape) for j, p in zip(joint.split(sizes, 1), parts)]
 
 
 def _gate_backward(step, r_z, signal, gate, formula, options) -> torch.Tensor:
@@ -1170,8 +1367,8 @@ def _route_backward(step, r_z, inputs, winners, values) -> list[torch.Tensor]:
             for c in range(ch):
                 r_a[s, c].index_add_(0, flat_winners[s, c], flat_r[s, c])
         return [r_a.view(a.shape)]
-    if isinstance(step, Reshape):
-        # Apply the same rearrangement to the element positions (shape arguments such as
+    if isinstance(step, (Reshape, Broadcast)):
+        # Apply the same rearrangement (or copying) to the element positions (shape arguments such as
         # x.size(0) are read from the forward's slot values).
         args, kwargs = _resolve(step.args, values), _resolve(step.kwargs, values)
         return _route_by_index(lambda pos: step.fn(pos[0], *args, **kwargs),

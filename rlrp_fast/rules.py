@@ -30,7 +30,7 @@ from .numerics import (Rel, divide_into, l1_per_sample, per_channel, per_sample,
                        share_mass, stabilize)
 import torch.nn.functional as F
 
-from .plan import (Add, Affine, Attention, Gate, LayerNorm, Plan, Pool, Scale, Step,
+from .plan import (Add, Affine, Attention, Gate, Normalization, Plan, Pool, Product, Scale, Step,
                    WindowAttention, scale_rows)
 from . import window_attention as windows
 
@@ -209,12 +209,38 @@ class RlrpGate:
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
+def normalization_sigma(step: Normalization, x: torch.Tensor) -> torch.Tensor:
+    """``σ`` per normalised group, ``(N, G, 1)``: the forward's own ``√(biased var + eps)``
+    (``√(mean x² + eps)`` for RMSNorm), never smaller than ``√eps``."""
+    groups = step.grouped(x)
+    spread = (groups.var(-1, correction=0, keepdim=True) if step.centred
+              else groups.square().mean(-1, keepdim=True))
+    return torch.sqrt(spread + step.epsilon(x.dtype))
+
+
+def normalization_forward(step: Normalization, x: torch.Tensor) -> torch.Tensor:
+    """The step's output, computed as torch computes it (written out for a LayerNorm over
+    dims other than the last ones)."""
+    w, b = (None if t is None else t.to(x.dtype) for t in (step.weight, step.bias))
+    if step.kind == "group":
+        return F.group_norm(x, step.num_groups, w, b, step.eps)
+    shape = tuple(x.shape[d] for d in step.dims)
+    if step.kind == "rms":
+        return F.rms_norm(x, shape, w, step.eps)
+    if step.trailing(x.dim()) and all(t is None or t.shape == shape for t in (w, b)):
+        return F.layer_norm(x, shape, w, b, step.eps)
+    mean = x.mean(step.dims, keepdim=True)
+    out = (x - mean) / torch.sqrt(x.var(step.dims, correction=0, keepdim=True) + step.eps)
+    out = out if w is None else out * w
+    return out if b is None else out + b
+
+
 @dataclass(frozen=True)
-class RlrpLayerNorm:
-    """Layer normalisation with ``σ`` held constant: the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``
-    per normalised group, ``R̃_x = x ⊙ (Jᵀ R)`` (``norm="neuron"``: ``Jᵀ (R / s)`` with
-    ``s = |J||x| = |γ/σ| ⊙ ((1 − 2/n)|x| + Σ|x|/n)``), renormalised per sample. ``σ`` is the
-    forward's own ``√(biased var + eps)``, never small."""
+class RlrpNormalization:
+    """A normalisation with ``σ`` held constant: the linear map ``J = diag(γ/σ)(I − 11ᵀ/n)``
+    per normalised group (RMSNorm: ``diag(γ/σ)``), ``R̃_x = x ⊙ (Jᵀ R)`` (``norm="neuron"``:
+    ``Jᵀ (R / s)`` with ``s = |J||x| = |γ/σ| ⊙ ((1 − 2/n)|x| + Σ|x|/n)``, RMSNorm
+    ``|γ x/σ|``), renormalised per sample. ``σ`` is the forward's own, never small."""
 
     neuron: bool = False
     needs_output = False
@@ -223,17 +249,66 @@ class RlrpLayerNorm:
         r, plain = _carry(r)
         g = r.value
         x = inputs[0].to(g.dtype)
-        dims = tuple(range(-len(step.normalized_shape), 0))
-        n = math.prod(step.normalized_shape)
-        sigma = torch.sqrt(x.var(dims, correction=0, keepdim=True) + step.eps)
-        scale = 1 / sigma if step.weight is None else step.weight.to(g.dtype) / sigma
+        sigma = normalization_sigma(step, x)                         # (N, G, 1)
+        gamma = step.per_element(step.weight, x.dim())
+        if gamma is not None:
+            gamma = gamma.to(g.dtype)
         if self.neuron:
             size = x.abs()
-            s = scale.abs() * ((1 - 2 / n) * size + size.sum(dims, keepdim=True) / n)
+            if step.centred:
+                rows = step.grouped(size)
+                n = rows.shape[-1]
+                size = step.ungrouped((1 - 2 / n) * rows + rows.sum(-1, keepdim=True) / n, x)
+            s = step.ungrouped(step.grouped(size if gamma is None else size * gamma.abs())
+                               / sigma, x)
             g = safe_ratio(g, s)
-        u = g * scale
-        r_tilde = x * (u - u.mean(dims, keepdim=True))
+        u = step.grouped(g if gamma is None else g * gamma) / sigma     # diag(γ/σ) R
+        if step.centred:
+            u = u - u.mean(-1, keepdim=True)                            # (I − 11ᵀ/n)
+        r_tilde = x * step.ungrouped(u, x)
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
+
+
+@dataclass(frozen=True)
+class RlrpProduct:
+    """A product of two signals, ``z = u ⊙ v`` or ``z = u @ v``: both operands receive the
+    same contributions ``c = u v R`` (``R̃_u = u ⊙ (R vᵀ)``, ``R̃_v = v ⊙ (uᵀ R)`` for a
+    matmul), jointly renormalised to ``‖R‖₁`` with one scalar per sample (the uniform split
+    of AttnLRP without its division). The layer form under both norms (RLRP_SPEC.md)."""
+
+    needs_output = False
+
+    def __call__(self, backend, step, r, inputs, z):
+        r, plain = _carry(r)
+        g = r.value
+        u, v = (t.to(g.dtype) for t in inputs)
+        if step.kind == "mul":
+            c = u * v * g
+            parts = [c.sum_to_size(u.shape), c.sum_to_size(v.shape)]
+        else:
+            parts = [(u * (g @ v.transpose(-2, -1))).sum_to_size(u.shape),
+                     (v * (u.transpose(-2, -1) @ g)).sum_to_size(v.shape)]
+        return _settle(share_mass(parts, r.mass), plain)
+
+
+@dataclass(frozen=True)
+class UniformProduct:
+    """The classic rules at a product of two signals, LXT's uniform rule: ``x * y`` hands
+    each operand half the relevance, ``R_u = R_v = R / 2``; ``u @ v`` the uniform ε-rule,
+    ``R_u = u ⊙ ((R / stab(2z)) vᵀ)``, ``R_v = v ⊙ (uᵀ (R / stab(2z)))``."""
+
+    epsilon: float
+    needs_output = True
+
+    def __call__(self, backend, step, r, inputs, z):
+        g = r.value
+        u, v = (t.to(g.dtype) for t in inputs)
+        if step.kind == "mul":
+            half = g / 2
+            return [Rel(half.sum_to_size(u.shape)), Rel(half.sum_to_size(v.shape))]
+        g = g / stabilize(2 * z.to(g.dtype), self.epsilon)
+        return [Rel((u * (g @ v.transpose(-2, -1))).sum_to_size(u.shape)),
+                Rel((v * (u.transpose(-2, -1) @ g)).sum_to_size(v.shape))]
 
 
 # -- attention -------------------------------------------------------------------------------
@@ -259,21 +334,68 @@ def split_heads(step: Attention, o: torch.Tensor) -> torch.Tensor:
     return o if step.v_weight is None else o.unflatten(-1, (step.num_heads, -1)).transpose(1, 2)
 
 
-def attention_forward(step: Attention, xv: torch.Tensor, xq: torch.Tensor, xk: torch.Tensor
-                      ) -> torch.Tensor:
-    """The step's output, computed as torch computes it in eval."""
+def attention_bias(step: Attention, xq: torch.Tensor, xk: torch.Tensor,
+                   masks: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The step's masks (``masks``: the tensors in ``step.mask_slots``' order) and causal
+    mask as one additive float mask on the scores, broadcast (a view) to ``(N, H, L, S)``
+    (SDPA: the query's leading dims, ``L``, ``S``); None without any. It leads with the batch
+    dimension whatever the layout of ``xq``, so it is per sample like every tape entry."""
+    if not masks and not step.causal:
+        return None
+    mha = step.v_weight is not None
+    dtype = xq.dtype
+    if mha:
+        seq, batch = (1, 0) if step.batch_first else (0, 1)
+        n, length, source = xq.shape[batch], xq.shape[seq], xk.shape[seq]
+        lead = (n, step.num_heads)
+    else:
+        lead, length, source = xq.shape[:-2], xq.shape[-2], xk.shape[-2]
+
+    def additive(mask: torch.Tensor, blocked: bool) -> torch.Tensor:
+        """bool: -inf where ``mask == blocked``; float: added as it is."""
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                mask == blocked, float("-inf"))
+        return mask.to(dtype)
+
+    bias = torch.zeros((), dtype=dtype, device=xq.device)
+    given = iter(masks)
+    if step.mask is not None:
+        mask = next(given)
+        if mha and mask.dim() == 3:  # (N·H, L, S)
+            mask = mask.view(*lead, length, source)
+        bias = bias + additive(mask, blocked=mha)  # MultiheadAttention masks where True
+    if step.padding_mask is not None:  # (N, S), True: ignore that key
+        bias = bias + additive(next(given), blocked=True).view(lead[0], 1, 1, source)
+    if step.causal:
+        allowed = torch.ones(length, source, dtype=torch.bool, device=xq.device).tril()
+        bias = bias + additive(allowed, blocked=False)
+    return bias.expand(*lead, length, source)
+
+
+def attention_forward(step: Attention, xv: torch.Tensor, xq: torch.Tensor, xk: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The step's output, computed as torch computes it in eval (``bias`` from
+    :func:`attention_bias`). A MultiheadAttention with ``batch_first=False`` reads and writes
+    ``(L, N, E)``."""
+    if step.v_weight is not None and not step.batch_first:
+        xv, xq, xk = (t.transpose(0, 1) for t in (xv, xq, xk))
     q, k, v = attention_qkv(step, xq, xk, xv)
-    o = merge_heads(step, F.scaled_dot_product_attention(q, k, v, scale=step.scale))
+    o = merge_heads(step, F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                         scale=step.scale))
     if step.out_weight is None:
         return o
     b = None if step.out_bias is None else step.out_bias.to(o.dtype)
-    return F.linear(o, step.out_weight.to(o.dtype), b)
+    out = F.linear(o, step.out_weight.to(o.dtype), b)
+    return out if step.batch_first else out.transpose(0, 1)
 
 
-def attention_probs(step: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``P = softmax(q kᵀ · scale)`` ``(…, L, S)``, materialised (held constant)."""
+def attention_probs(step: Attention, q: torch.Tensor, k: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``P = softmax(q kᵀ · scale + bias)`` ``(…, L, S)``, materialised (held constant)."""
     scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    return torch.softmax(scores if bias is None else scores + bias, dim=-1)
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -304,9 +426,9 @@ class RlrpAttention:
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)
         dtype = r.value.dtype
-        xv, xq, xk = (t.to(dtype) for t in inputs)
+        xv, xq, xk, *bias = (t.to(dtype) for t in inputs)
         q, k, v = attention_qkv(step, xq, xk, xv)
-        p = attention_probs(step, q, k)
+        p = attention_probs(step, q, k, *bias)
         g = r.value * per_sample(r.unit_scale(), r.value)
         if step.out_weight is not None:
             g = split_heads(step, _unit(self._linear(g, merge_heads(step, p @ v),
@@ -332,9 +454,9 @@ class EpsilonAttention:
     def __call__(self, backend, step, r, inputs, z):
         g = r.value
         dtype = g.dtype
-        xv, xq, xk = (t.to(dtype) for t in inputs)
+        xv, xq, xk, *bias = (t.to(dtype) for t in inputs)
         q, k, v = attention_qkv(step, xq, xk, xv)
-        p = attention_probs(step, q, k)
+        p = attention_probs(step, q, k, *bias)
         pv = p @ v
         if step.out_weight is not None:
             o = merge_heads(step, pv)
@@ -405,7 +527,7 @@ class EpsilonWindowAttention:
 class PassToSignal:
     """The classic rules at a gate or constant scale (zennit/LXT): the gate is a constant and
     the signal the only contributor to each output, so the signal receives the relevance
-    itself; at a layer norm, LXT's identity through the normalisation."""
+    itself; at a normalisation layer, LXT's identity through it."""
 
     needs_output = False
 
@@ -547,8 +669,8 @@ class PassTerms:
 # built and, for each plan step it is assigned to, builds the propagator above that does the
 # work (its modified weights prepared once, per dtype). Adding a rule is one subclass:
 # ``applies_to`` (the step kinds it has a meaning for) and ``propagator``.
-RULED_STEPS = (Affine, Pool, Scale, Add, Gate, LayerNorm, Attention,
-               WindowAttention)  # the steps a rule is assigned to
+RULED_STEPS = (Affine, Pool, Scale, Add, Gate, Normalization, Attention, WindowAttention,
+               Product)  # the steps a rule is assigned to
 
 
 class Rule:
@@ -558,7 +680,7 @@ class Rule:
     Subclasses set ``applies_to`` (the plan step kinds the rule has a meaning for: ``Affine``
     is a Linear/ConvNd, ``Pool`` an average pool or mean, ``Scale`` a BatchNorm with nothing
     to fold into, ``Add`` a residual sum, ``Gate`` a product with a gate or constant,
-    ``LayerNorm`` a layer norm) and implement :meth:`propagator`."""
+    ``Normalization`` a layer/group/RMS norm) and implement :meth:`propagator`."""
 
     applies_to: tuple[type, ...] = (Affine,)
 
@@ -597,8 +719,10 @@ class RLRP(Rule):
         neuron = self.norm == "neuron"
         if isinstance(step, Gate):
             return RlrpGate(neuron)
-        if isinstance(step, LayerNorm):
-            return RlrpLayerNorm(neuron)
+        if isinstance(step, Normalization):
+            return RlrpNormalization(neuron)
+        if isinstance(step, Product):  # the layer form under both norms (RLRP_SPEC.md)
+            return RlrpProduct()
         if isinstance(step, Attention):
             return RlrpAttention(neuron)
         if isinstance(step, WindowAttention):
@@ -627,20 +751,22 @@ class Norm(Rule):
     def propagator(self, step, dtype):
         if isinstance(step, Affine):
             return EpsilonTerms(step.effective_weight(dtype), self.stabilizer)
-        if isinstance(step, (Gate, LayerNorm)):  # the base rules' convention (zennit/LXT)
+        if isinstance(step, (Gate, Normalization)):  # the base rules' convention (zennit/LXT)
             return PassToSignal()
         if isinstance(step, Attention):  # LXT's: ε on the value path, P held constant
             return EpsilonAttention(self.stabilizer)
         if isinstance(step, WindowAttention):
             return EpsilonWindowAttention(self.stabilizer)
+        if isinstance(step, Product):  # LXT's uniform rule
+            return UniformProduct(self.stabilizer)
         return NormTerms(self.stabilizer)
 
 
 class Pass(Rule):
     """zennit's ``Pass``: relevance goes on unchanged. Activations get it by default; of
-    the other steps a lone BatchNorm, a gate's signal and a layer norm can take it."""
+    the other steps a lone BatchNorm, a gate's signal and a normalisation layer can take it."""
 
-    applies_to = (Scale, Gate, LayerNorm)
+    applies_to = (Scale, Gate, Normalization)
 
     def propagator(self, step, dtype):
         return PassTerms() if isinstance(step, Scale) else PassToSignal()
@@ -985,8 +1111,9 @@ def _describe(step: Step, module: nn.Module | None) -> str:
 
 def _kinds(kinds: tuple[type, ...]) -> str:
     words = {Affine: "Linear/Conv", Pool: "average pools and means", Scale: "lone BatchNorms",
-             Add: "residual sums", Gate: "gated or scaled products", LayerNorm: "layer norms",
-             Attention: "attention", WindowAttention: "window attention"}
+             Add: "residual sums", Gate: "gated or scaled products",
+             Normalization: "normalisation layers", Attention: "attention",
+             WindowAttention: "window attention", Product: "products of two signals"}
     return ", ".join(words[k] for k in kinds)
 
 

@@ -202,32 +202,30 @@ class Refused(nn.Module):
     def __init__(self, how: str):
         super().__init__()
         self.how = how
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=how != "seq_first",
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True,
                                           add_bias_kv=how == "bias_kv",
                                           add_zero_attn=how == "zero_attn")
         self.head = nn.Linear(4, 2)
         self.scale = nn.Parameter(torch.ones(1, 1, 4))
 
     def forward(self, x):
-        if self.how == "mask":
-            mask = torch.zeros(5, 5, dtype=torch.bool)
-            a = self.attn(x, x, x, attn_mask=mask)[0]
+        if self.how == "causal_without_mask":
+            a = self.attn(x, x, x, is_causal=True, need_weights=False)[0]
         elif self.how == "weights":
             a, w = self.attn(x, x, x)
             a = a + w.sum(-1, keepdim=True)
-        elif self.how == "sdpa_causal":
-            a = F.scaled_dot_product_attention(x, x, x, is_causal=True)
-        elif self.how == "expand":
-            a = x[:, :1].expand(-1, 5, -1)
+        elif self.how == "sdpa_mask_and_causal":
+            mask = torch.ones(5, 5, dtype=torch.bool)
+            a = F.scaled_dot_product_attention(x, x, x, attn_mask=mask, is_causal=True)
         else:
             a = self.attn(x, x, x)[0]
         return self.head(a.mean(1))
 
 
 @pytest.mark.parametrize("how,match", [
-    ("seq_first", "batch_first=False"), ("bias_kv", "bias_k/bias_v"),
-    ("zero_attn", "add_zero_attn"), ("mask", "attn_mask"), ("weights", "attention weights"),
-    ("sdpa_causal", "is_causal"), ("expand", "expand of a tensor")])
+    ("bias_kv", "bias_k/bias_v"), ("zero_attn", "add_zero_attn"),
+    ("causal_without_mask", "is_causal=True without attn_mask"),
+    ("weights", "attention weights"), ("sdpa_mask_and_causal", "both attn_mask and is_causal")])
 def test_unsupported_attention_is_refused_by_name(how, match):
     with pytest.raises(UnsupportedModelError, match=match):
         rlrp_fast.Explainer(Refused(how).eval())
@@ -285,3 +283,214 @@ SLOW = pytest.mark.skipif(not os.environ.get("RLRP_SLOW_TESTS"),
 @pytest.mark.parametrize("name", ["vit_l_16", "vit_h_14"])
 def test_torchvision_large_vits_explain(name):
     _explains_and_conserves(name, 1, "layer")
+
+
+class MaskedMHA(nn.Module):
+    """A MultiheadAttention with masks (buffers), batch first or not. ``how``: ``bool`` and
+    ``float`` attn_mask (L, S), ``per_head`` (N·H, L, S), ``padding`` (key_padding_mask, bool
+    and float), ``causal`` (is_causal with need_weights=False: torch's causal mask replaces
+    attn_mask), ``causal_hint`` (is_causal with weights: attn_mask is used), ``seq_first``
+    (batch_first=False, with LayerNorm, MLP, layer scale and residuals on (L, N, E) tensors
+    around it and the first token's head)."""
+
+    def __init__(self, how: str, n: int = 3):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Linear(3, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=how != "seq_first")
+        self.norm, self.fc, self.head = nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 3)
+        g = torch.Generator().manual_seed(7)
+        blocked = torch.rand(5, 5, generator=g) < 0.4
+        blocked.fill_diagonal_(False)  # no row fully blocked
+        self.register_buffer("bool_mask", blocked)
+        self.register_buffer("float_mask", torch.randn(5, 5, generator=g))
+        self.register_buffer("head_mask", torch.randn(n * 2, 5, 5, generator=g))
+        pad = torch.zeros(n, 5, dtype=torch.bool)
+        pad[0, 3:] = True
+        pad[1, 1] = True
+        self.register_buffer("padding", pad)
+        self.register_buffer("float_padding", torch.randn(n, 5, generator=g))
+        self.register_buffer("causal_mask", nn.Transformer.generate_square_subsequent_mask(5))
+
+    def forward(self, x):
+        h = self.embed(x)
+        how = self.how
+        if how == "seq_first":
+            h = h.transpose(0, 1)  # (L, N, E)
+            a = self.attn(h, h, h, attn_mask=self.float_mask, need_weights=False)[0]
+            h = self.norm(h + a)
+            h = h + 0.5 * torch.relu(self.fc(h))
+            return self.head(h[0])
+        kwargs = {"bool": dict(attn_mask=self.bool_mask),
+                  "float": dict(attn_mask=self.float_mask),
+                  "per_head": dict(attn_mask=self.head_mask),
+                  "padding": dict(key_padding_mask=self.padding),
+                  "float_padding": dict(key_padding_mask=self.float_padding,
+                                        attn_mask=self.float_mask),
+                  "causal": dict(attn_mask=self.causal_mask, is_causal=True, need_weights=False),
+                  "causal_hint": dict(attn_mask=self.bool_mask, is_causal=True)}[how]
+        a = self.attn(h, h, h, **kwargs)[0]
+        return self.head(torch.relu(self.norm(h + a)).mean(1))
+
+
+class MaskedSDPA(SDPABlock):
+    """SDPA with a bool (True: attend) or float attn_mask buffer, or is_causal."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        g = torch.Generator().manual_seed(8)
+        allowed = torch.rand(5, 5, generator=g) > 0.4
+        allowed.fill_diagonal_(True)
+        self.register_buffer("allowed", allowed)
+        self.register_buffer("float_mask", torch.randn(2, 5, 5, generator=g))
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(n, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        if self.how == "causal":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = self.allowed if self.how == "bool" else self.float_mask
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = o.transpose(1, 2).reshape(n, length, 4)
+        return self.head(self.act(self.proj(o)).mean(1))
+
+
+MASKED = ["bool", "float", "per_head", "padding", "float_padding", "causal", "causal_hint",
+          "seq_first", "sdpa-bool", "sdpa-float", "sdpa-causal"]
+
+
+def _masked(name: str):
+    torch.manual_seed(3)
+    model = MaskedSDPA(name[5:]) if name.startswith("sdpa") else MaskedMHA(name)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    return model.double().eval(), torch.randn(3, 5, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", MASKED)
+@pytest.mark.parametrize("rule,options", CASES, ids=[f"{r}{o}" for r, o in CASES])
+def test_masked_attention_matches_the_reference(name, rule, options):
+    model, x = _masked(name)
+    plan = capture(model)
+    (attn,) = [s for s in plan.steps if isinstance(s, Attention)]
+    assert attn.mask is not None or attn.padding_mask is not None or attn.causal
+    fast = rlrp_fast.Explainer(model, rule=rule, backend="torch", **options).explain(x)
+    ref, logits = reference_explain(plan, x, rule=rule, **options)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.logits, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.relevance, ref, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(fast.relevance).all() and (fast.relevance != 0).any()
+    if rule == "rlrp" and options.get("skip") != "ratio":
+        mass = logits.gather(1, fast.targets[:, None]).abs().view(-1)
+        torch.testing.assert_close(fast.relevance.abs().flatten(1).sum(1), mass, rtol=1e-10,
+                                   atol=0)
+
+
+def test_a_mask_changes_the_map_and_a_blocked_key_gets_nothing_through_attention():
+    """Without the residual, a key blocked for every query by the padding mask takes no
+    relevance through the values: its token's map is 0 in that sample."""
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(3, 1, batch_first=True)
+            pad = torch.zeros(2, 5, dtype=torch.bool)
+            pad[0, 2] = True
+            self.register_buffer("pad", pad)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, key_padding_mask=self.pad)[0].mean(1))
+
+    torch.manual_seed(1)
+    model = Plain().double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    e = rlrp_fast.Explainer(model, backend="torch").explain(x)
+    assert (e.relevance[0, 2] == 0).all() and (e.relevance[0, [0, 1, 3, 4]] != 0).any()
+    assert (e.relevance[1, 2] != 0).any()
+
+
+class BatchFirstTwin(MaskedMHA):
+    """The ``seq_first`` model written batch first (same weights, same function)."""
+
+    def __init__(self):
+        super().__init__("seq_first")
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a = self.attn(h, h, h, attn_mask=self.float_mask, need_weights=False)[0]
+        h = self.norm(h + a)
+        h = h + 0.5 * torch.relu(self.fc(h))
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("norm", ["layer", "neuron"])
+def test_batch_first_false_is_per_sample(norm):
+    """(L, N, E) tensors: every renormalisation is per sample over the batch dim where it
+    is; a sample's map is the same alone and in a batch, and the same as the batch-first
+    twin's (same weights)."""
+    model, x = _masked("seq_first")
+    explainer = rlrp_fast.Explainer(model, norm=norm, backend="torch")
+    whole = explainer.explain(x)
+    for i in range(x.shape[0]):
+        alone = explainer.explain(x[i:i + 1])
+        torch.testing.assert_close(alone.relevance, whole.relevance[i:i + 1], rtol=1e-10,
+                                   atol=1e-14)
+    twin = BatchFirstTwin().double().eval()
+    twin.load_state_dict(model.state_dict())
+    twin_map = rlrp_fast.Explainer(twin, norm=norm, backend="torch").explain(x)
+    torch.testing.assert_close(twin_map.logits, whole.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(twin_map.relevance, whole.relevance, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("rule,options", [("rlrp", {}), ("epsilon", {"epsilon": 0.1})])
+def test_batch_first_false_with_several_targets(rule, options):
+    """K targets per pass repeat each sample's rows along the batch dim where it is."""
+    model, x = _masked("seq_first")
+    explainer = rlrp_fast.Explainer(model, rule=rule, backend="torch", **options)
+    multi = explainer.explain(x, top_k=2)
+    for k in range(2):
+        single = explainer.explain(x, target=multi.targets[:, k])
+        torch.testing.assert_close(multi.relevance[:, k], single.relevance, rtol=1e-10,
+                                   atol=1e-14)
+
+
+def test_a_tensor_that_mixes_samples_is_refused_by_name():
+    """A view that merges the batch with another dim ((L, N, E) → (L·N, E)) before a
+    Linear: no per-sample renormalisation is possible; the step is named."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            n, length, e = x.shape
+            h = self.fc(x.transpose(0, 1).reshape(length * n, e))
+            return self.head(h.view(length, n, e).mean(0))
+
+    with pytest.raises(NotImplementedError, match="fc"):
+        rlrp_fast.Explainer(Mixed().double().eval(), backend="torch").explain(
+            torch.randn(2, 5, 3, dtype=torch.float64))
+
+
+def test_a_sequence_first_attention_fed_batch_first_is_refused():
+    """batch_first=False on an (N, L, E) input: the attention mixes the samples (dim 0 is
+    its sequence); refused, naming the step."""
+
+    class Misfed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    with pytest.raises(NotImplementedError, match="attn"):
+        rlrp_fast.Explainer(Misfed().double().eval(), backend="torch").explain(
+            torch.randn(3, 5, 4, dtype=torch.float64))

@@ -79,13 +79,16 @@ def test_x_times_sigmoid_x_is_silu():
     torch.testing.assert_close(e.relevance, rlrp_fast.explain(plain, x).relevance)
 
 
-class TwoSignals(nn.Module):
+class TwoGates(nn.Module):
+    """A product of two gates: no signal to give the relevance to (a product of two signals
+    is explained: tests/test_products.py)."""
+
     def __init__(self):
         super().__init__()
         self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 2)
 
     def forward(self, x):
-        return self.out(self.a(x) * self.b(x))
+        return self.out(torch.sigmoid(self.a(x)) * torch.sigmoid(self.b(x)))
 
 
 class ScaledByShape(nn.Module):
@@ -97,7 +100,7 @@ class ScaledByShape(nn.Module):
         return self.fc(x) * x.size(1)
 
 
-@pytest.mark.parametrize("cls,match", [(TwoSignals, "product of two signals"),
+@pytest.mark.parametrize("cls,match", [(TwoGates, "both operands are gates"),
                                        (ScaledByShape, "a product with a shape value")])
 def test_other_products_are_refused_by_name(cls, match):
     with pytest.raises(UnsupportedModelError, match=match):

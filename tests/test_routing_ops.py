@@ -1,4 +1,4 @@
-"""Routing ops that move elements (RLRP_SPEC.md, "Ops that route relevance without changing
+"""Routing ops that move elements (docs/RLRP_SPEC.md, "Ops that route relevance without changing
 it"; "Routing ops added"): torch.roll, constant F.pad (its padded elements are constants and
 take nothing), permute and swapaxes/swapdims, any dims, shifts and pads, against the float64
 reference (which routes by tracking element positions)."""
