@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from .backends import Backend
-from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio, share_mass,
-                       stabilize)
+from .numerics import (Rel, l1_per_sample, per_channel, per_sample, safe_ratio,
+                       scale_the_weight, share_mass, stabilize)
 import torch.nn.functional as F
 
 from .plan import (Add, Affine, Attention, Gate, LayerNorm, Plan, Pool, Scale, Step,
@@ -111,8 +111,8 @@ class RlrpAffine:
             if s is not None:
                 den = den * per_channel(s.abs(), den)
             g = safe_ratio(g, den)
-        if s is not None:  # scale whichever is smaller, the weight or the relevance
-            if weight.numel() < g.numel():
+        if s is not None:  # on the weight or on the relevance
+            if scale_the_weight(weight.numel(), g.numel()):
                 weight = scale_rows(weight, s)
             else:
                 g = g * per_channel(s, g)
