@@ -46,8 +46,9 @@ class ExplainedModel(nn.Module):
     the model's own (:class:`rlrp_fast.TraceMismatchError`). ``example_input`` runs that
     once at construction; otherwise the first eager call does. A traced program
     (export, compile) checks none of these: verify before exporting (pass
-    ``example_input`` or call the module once; exporting an unverified module warns). In
-    the exported program NaN or Inf input or logits give NaN or Inf relevance, not an error.
+    ``example_input`` or call the module once; exporting an unverified module warns, but
+    ``torch.compile`` cannot: dynamo traces no warning). In a traced program NaN or Inf input
+    or logits give NaN or Inf relevance, not an error.
 
     The module has no parameters of its own: the plan reads the model's weights in place
     (an exported program holds them as constants). Build it on the model's device and
