@@ -6,11 +6,12 @@
 """
 from .capture import SUPPORTED_OPS, UnsupportedModelError
 from .explainer import Explainer, Explanation, explain
+from .explained_model import ExplainedModel
 from .guard import StaleModelError
 from .verify import TraceMismatchError
 from .rules import RULES, Composite
 
 __version__ = "0.1.0"
 
-__all__ = ["Explainer", "Explanation", "explain", "Composite", "RULES", "SUPPORTED_OPS",
+__all__ = ["Explainer", "ExplainedModel", "Explanation", "explain", "Composite", "RULES", "SUPPORTED_OPS",
            "UnsupportedModelError", "StaleModelError", "TraceMismatchError", "__version__"]

@@ -19,7 +19,8 @@ from .backends.torch_backend import affine_forward, pool_forward
 from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool,
                    Meta, Normalization, Pad, Plan, Pool, Product, Reshape, Scale, Select, Step,
                    WindowAttention, resolve, scale_rows, step_reads)
-from .numerics import Rel, l1_per_sample, per_channel, per_sample, share_mass
+from .numerics import (Rel, l1_per_sample, per_channel, per_sample, scale_the_weight,
+                       share_mass)
 from .rules import Propagator, attention_bias, attention_forward, normalization_forward
 from .window_attention import window_attention_forward
 
@@ -54,8 +55,8 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
             return affine_forward(step, w, b, x)
         if not step.is_conv and x.dim() != 2:
             raise ValueError("a Linear followed by BatchNorm1d needs (N, features) input")
-        # the folded BatchNorm: scale the weight or the output, whichever is smaller
-        if w.numel() < step.output_numel(x.shape):
+        # the folded BatchNorm: on the weight or on the output
+        if scale_the_weight(w.numel(), step.output_numel(x.shape)):
             return affine_forward(step, scale_rows(w, s).to(w.dtype), b, x)
         return affine_forward(step, w, None, x).mul_(per_channel(s, x)).add_(per_channel(b, x))
     if isinstance(step, Pool):
@@ -495,7 +496,7 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
         (shape,) = tape.shapes[i]
         out = r.value.new_zeros(shape)
         part = step.apply(out, *tape.selections.pop(i))
-        if part.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+        if _copied(part, out):
             raise NotImplementedError(f"{step.target!r} (node {step.name!r}) selects by a "
                                       "tensor index (a copy, not a view): not supported")
         part.copy_(r.value)
@@ -511,3 +512,12 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
             parts = [p for p, s in zip(parts, step.operands) if s in step.inputs]
         return share_mass(parts, r.mass)
     raise AssertionError(type(step))
+
+
+def _copied(part: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether a selection of ``out`` is a copy (a tensor index), not a view to fill."""
+    if torch.compiler.is_dynamo_compiling():
+        return False  # dynamo can trace no test of it; the eager calls before it test it
+    if torch.compiler.is_compiling():  # export: traced tensors have no data pointer
+        return part._base is not out
+    return part.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()

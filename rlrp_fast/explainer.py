@@ -144,8 +144,11 @@ class Explainer:
         elif options:
             raise TypeError(f"options {sorted(options)} go with a preset name; a rule object "
                             "or composite carries its own parameters")
-        self._plan = capture(model)
-        self._rule = resolve(rule, self._plan, model)  # one rule per plan step
+        # what the plan derives from the weights (folded BatchNorm, modified weights) is a
+        # constant: without autograd it holds no graph, and an export sees plain constants
+        with torch.no_grad():
+            self._plan = capture(model)
+            self._rule = resolve(rule, self._plan, model)  # one rule per plan step
         # the Linear/Conv steps that read the input, checked against x on every call
         self._input_layers = [s for s in self._plan.steps if isinstance(s, Affine)
                               and self._plan.input_slot in s.inputs]
@@ -171,16 +174,29 @@ class Explainer:
         return self._backend.name
 
     # -- per-dtype caches (built once per dtype, under a lock) ---------------------------------
-    def _prepare(self, dtype: torch.dtype) -> tuple[list[Propagator | None], dict[int, tuple]]:
+    def _prepare(self, dtype: torch.dtype, keep: bool = True
+                 ) -> tuple[list[Propagator | None], dict[int, tuple]]:
+        """The propagators and forward weights for inputs of ``dtype``. ``keep=False`` (a
+        trace: export, compile) builds what is not kept yet without keeping it (its tensors
+        are the tracer's) and takes no lock (dynamo cannot trace one)."""
         rel_dtype = relevance_dtype(dtype)
-        with self._lock:
+        if not keep:
+            propagators, weights = self._propagators.get(rel_dtype), self._weights.get(dtype)
+            if propagators is None:
+                propagators = self._rule.propagators(self._plan, rel_dtype)
+            if weights is None:
+                weights = self._forward_weights(dtype, rel_dtype)
+            return propagators, weights
+        with self._lock, torch.no_grad():
             if rel_dtype not in self._propagators:
                 self._propagators[rel_dtype] = self._rule.propagators(self._plan, rel_dtype)
             if dtype not in self._weights:
-                self._weights[dtype] = {i: _forward_weights(s, dtype, rel_dtype)
-                                        for i, s in enumerate(self._plan.steps)
-                                        if isinstance(s, Affine)}
+                self._weights[dtype] = self._forward_weights(dtype, rel_dtype)
             return self._propagators[rel_dtype], self._weights[dtype]
+
+    def _forward_weights(self, dtype: torch.dtype, rel_dtype: torch.dtype) -> dict[int, tuple]:
+        return {i: _forward_weights(s, dtype, rel_dtype) for i, s in enumerate(self._plan.steps)
+                if isinstance(s, Affine)}
 
     # -- validation ----------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -519,11 +535,12 @@ def _output_relevance(logits: torch.Tensor, request: _Request, dtype: torch.dtyp
         if not 0 <= target < classes:  # before torch.full: 2**70 overflows int64
             raise ValueError(f"target {target} is out of range for {classes} classes")
         targets = torch.full((n, 1), target, dtype=torch.long, device=logits.device)
-    else:
+    else:  # only the caller's indices need a range check (a data-dependent branch)
         targets = target.to(device=logits.device, dtype=torch.long).view(n, -1)
-    bad = (targets < 0) | (targets >= classes)
-    if bad.any():
-        raise ValueError(f"target {targets[bad][0].item()} is out of range for {classes} classes")
+        bad = (targets < 0) | (targets >= classes)
+        if bad.any():
+            raise ValueError(f"target {targets[bad][0].item()} is out of range for "
+                             f"{classes} classes")
     rows = targets.reshape(-1, 1)
     r = torch.zeros(rows.shape[0], classes, dtype=dtype, device=logits.device)
     picked = logits.gather(1, targets).reshape(-1, 1)

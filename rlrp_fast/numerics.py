@@ -29,6 +29,13 @@ def per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.view(-1, *([1] * (like.dim() - 2)))
 
 
+def scale_the_weight(weight_numel: int, other_numel: int) -> bool:
+    """Whether a per-channel scale (a folded BatchNorm) goes on the weight rather than on the
+    activation or relevance it meets: whichever is smaller. A traced graph (export, compile)
+    always scales the weight: a choice by batch size would fix the graph's batch size."""
+    return torch.compiler.is_compiling() or weight_numel < other_numel
+
+
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """zennit's stabiliser: ``z + ε·(sign(z) + (z == 0))`` (``ε = 0`` leaves ``z`` alone)."""
     if eps == 0:

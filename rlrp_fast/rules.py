@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .backends import Backend
 from .numerics import (Rel, divide_into, l1_per_sample, per_channel, per_sample, safe_ratio,
-                       share_mass, stabilize)
+                       scale_the_weight, share_mass, stabilize)
 import torch.nn.functional as F
 
 from .plan import (Add, Affine, Attention, Gate, Normalization, Plan, Pool, Product, Scale, Step,
@@ -121,8 +121,8 @@ class RlrpAffine:
         a = inputs[0]
         if self.neuron:
             g = divide_into(g, backend.affine_abs(step, a, weight, s, self.abs_weight))
-        if s is not None:  # scale whichever is smaller, the weight or the relevance
-            if weight.numel() < g.numel():
+        if s is not None:  # on the weight or on the relevance
+            if scale_the_weight(weight.numel(), g.numel()):
                 weight = scale_rows(weight, s)
             else:
                 g = g * per_channel(s, g)

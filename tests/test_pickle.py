@@ -111,3 +111,40 @@ def test_spawn_dataloader_workers():
                                          multiprocessing_context="spawn")
     got = torch.cat(list(loader))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# -- ExplainedModel -------------------------------------------------------------------------
+
+def test_explained_model_pickles_and_deep_copies():
+    model = _model()
+    x = _images(3)
+    em = rlrp_fast.ExplainedModel(model, rule="rlrp", top_k=2, norm="layer", example_input=x)
+    want = em(x)
+    for clone in (pickle.loads(pickle.dumps(em)), copy.deepcopy(em)):
+        assert clone.model is not model and clone.top_k == 2
+        assert clone._explainer._lock is not em._explainer._lock
+        assert clone._explainer._plan is not em._explainer._plan
+        got = clone(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # a copy follows its own model: editing the original makes only the original stale
+    clone = copy.deepcopy(em)
+    with torch.no_grad():
+        model.classifier[-1].bias.add_(1.0)
+    assert torch.equal(clone(x)[1], want[1])
+    with pytest.raises(rlrp_fast.StaleModelError):
+        em(x)
+
+
+def _explained_in_worker(args):
+    em, x = args
+    return em(x)[1]
+
+
+def test_explained_model_in_a_spawn_pool():
+    em = rlrp_fast.ExplainedModel(_model(), top_k=2)
+    batches = [_images(3), _images(2)]
+    want = [em(x)[1] for x in batches]
+    with mp.get_context("spawn").Pool(2) as pool:
+        got = pool.map(_explained_in_worker, [(em, x) for x in batches], chunksize=1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
