@@ -15,9 +15,7 @@ setting:
 Every CLI run must have written one file per image, target and format and one record per
 image, without errors, before its times are reported.
 
-The CLI's ``--model`` takes torchvision names (or model files it refuses): it cannot name the
-digits CNN. For digits the subprocess runs the same ``rlrp_fast.cli.main`` with
-``pipeline.load_model`` answering with the digits model (``DIGITS_CLI`` below).
+The digits CNN is the CLI's ``--model digits`` (its own preprocessing: grey 32×32 in [0, 1]).
 """
 from __future__ import annotations
 
@@ -40,24 +38,11 @@ MODELS = ("digits", "resnet50")
 DEFAULT_BATCH = {"digits": 64, "resnet50": 16}
 FORMATS = ("npy", "png,npy")
 
-# The CLI's options per model beyond IMAGES, --model and the run's own settings: the
-# digits CNN takes 32×32 grey images in [0, 1], ResNet50 the CLI's default ImageNet input.
-CLI_OPTIONS = {"digits": ["--size", "32", "--no-normalize"],
-               "resnet50": ["--size", "224"]}
+# The CLI's options per model beyond IMAGES, --model and the run's own settings, written out
+# (for digits they are --model digits' defaults: 32×32 grey in [0, 1]); the explainer-alone
+# run preprocesses by them.
+CLI_OPTIONS = {"digits": ["--size", "32", "--no-normalize"], "resnet50": ["--size", "224"]}
 IMAGE_SHAPE = {"digits": (32, 32), "resnet50": (224, 224, 3)}  # as PIL writes them
-
-# `rlrp-fast explain` with the embedded digits CNN in place of a torchvision model
-DIGITS_CLI = """\
-import sys
-from rlrp_fast import cli, pipeline
-from rlrp_fast.digits import load_pretrained
-
-def load_digits(spec, weights=None, num_classes=None, device="cpu"):
-    return load_pretrained().eval().to(device), None
-
-pipeline.load_model = load_digits
-raise SystemExit(cli.main(sys.argv[1:]))
-"""
 
 SUMMARY = re.compile(r"explained (\d+) images \(top-(\d+)\), (\d+) errors, (\d+) already done, "
                      r"in ([\d.]+) s: ([\d.]+) images/s")
@@ -85,9 +70,6 @@ def write_images(folder: Path, model: str, n: int, seed: int = 0) -> list[Path]:
 
 def load_model(model: str):
     """The model exactly as the CLI run gets it (eval mode, CPU)."""
-    if model == "digits":
-        from rlrp_fast.digits import load_pretrained
-        return load_pretrained().eval()
     from rlrp_fast import pipeline
     return pipeline.load_model(model)[0]
 
@@ -138,8 +120,6 @@ def cli_command(model: str, images: Path, out: Path, formats: str, batch_size: i
     args = ["explain", str(images), "--model", model, *CLI_OPTIONS[model], "--out", str(out),
             "--format", formats, "--batch-size", str(batch_size), "--workers", str(workers),
             "--top-k", str(top_k), "--quiet"]
-    if model == "digits":
-        return [sys.executable, "-c", DIGITS_CLI, *args]
     return [sys.executable, "-m", "rlrp_fast", *args]
 
 

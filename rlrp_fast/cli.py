@@ -259,7 +259,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                    help="image files, folders and glob patterns (quote them: ** recurses)")
     p.add_argument("--model", required=True,
                    help="a torchvision classification model name (built with weights=None: "
-                   "nothing is downloaded; pass --weights), e.g. resnet50")
+                   "nothing is downloaded; pass --weights), e.g. resnet50, or 'digits' (the "
+                   "demo's embedded CNN: grey 32x32 images in [0, 1] by default)")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="a state_dict for --model, loaded with torch.load(weights_only=True)")
     p.add_argument("--num-classes", type=_positive_int, default=None,
@@ -276,15 +277,16 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                    "(default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="(default: %(default)s; under torchrun each rank takes cuda:LOCAL_RANK)")
-    p.add_argument("--size", type=_positive_int, default=224,
+    p.add_argument("--size", type=_positive_int, default=None,
                    help="side of the centre crop the model sees; the shorter side is first "
-                   "resized to size*256/224 (default: %(default)s)")
+                   "resized to size*256/224 (default: 224; 32 for --model digits)")
     p.add_argument("--mean", type=_floats, default=None,
                    help="normalisation mean per channel, e.g. 0.5,0.5,0.5 (default: ImageNet's)")
     p.add_argument("--std", type=_floats, default=None,
                    help="normalisation std per channel (default: ImageNet's)")
     p.add_argument("--no-normalize", action="store_true",
-                   help="feed pixel values in [0, 1], without mean/std")
+                   help="feed pixel values in [0, 1], without mean/std (the default for "
+                   "--model digits)")
     p.add_argument("--format", type=_formats, default=("png", "npy"), metavar="png,npy",
                    help="outputs per image and class (default: png,npy)")
     p.add_argument("--npy-dtype", choices=["float32", "float16"], default="float32",
@@ -306,7 +308,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raise _UsageError("--no-normalize cannot be combined with --mean/--std")
     from . import pipeline  # late: keeps `rlrp-fast --help` fast
 
-    if args.no_normalize:
+    digits = args.model == pipeline.DIGITS
+    size = args.size or (pipeline.DIGITS_SIZE if digits else 224)
+    if args.no_normalize or (digits and args.mean is None and args.std is None):
         mean = std = None
     else:
         mean = args.mean if args.mean is not None else pipeline.IMAGENET_MEAN
@@ -315,7 +319,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         images=args.images, model=args.model, weights=args.weights,
         num_classes=args.num_classes, rule=args.rule, backend=args.backend, top_k=args.top_k,
         out=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        size=args.size, mean=mean, std=std, formats=args.format, npy_dtype=args.npy_dtype,
+        size=size, mean=mean, std=std, formats=args.format, npy_dtype=args.npy_dtype,
         resume=args.resume, progress=not args.quiet)
 
     def skipped(path: str, why: str) -> None:

@@ -47,6 +47,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The embedded digits CNN (the demo's, shipped weights): grey 32×32 pixels in [0, 1], no
+# mean/std; ``--model digits`` takes these unless --size/--mean/--std say otherwise.
+DIGITS = "digits"
+DIGITS_SIZE = 32
 _RESIZE_RATIO = 256 / 224  # the usual ImageNet evaluation: resize to 256, crop 224
 
 
@@ -202,12 +206,15 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     """The model named by ``spec`` in eval mode on ``device``, and its class names when known
     (torchvision's ImageNet categories for a 1000-class torchvision model).
 
-    ``spec`` is a torchvision classification model name (built with ``weights=None``: nothing
+    ``spec`` is ``"digits"`` (the embedded demo CNN: its shipped weights, or ``weights``), a
+    torchvision classification model name (built with ``weights=None``: nothing
     is downloaded; ``weights`` is a state_dict file, loaded with ``weights_only=True``;
     ``num_classes`` defaults to the rows of its last 2-D weight), or a file: TorchScript and
     exported programs (``.pt2``) are refused with a message saying why (the explainer traces
     the model's Python ``forward`` with ``torch.fx``).
     """
+    if spec == DIGITS:
+        return _load_digits(weights, num_classes, device)
     looks_like_file = os.path.sep in spec or spec.endswith((".pt", ".pth", ".pt2", ".ts", ".jit"))
     if os.path.isfile(spec) or looks_like_file:
         if not os.path.isfile(spec):
@@ -275,6 +282,25 @@ def _load_state_dict(path: str) -> dict:
         raise PipelineError(f"--weights {path!r} is not a state_dict (a mapping of names to "
                             f"tensors), got {type(state).__name__}")
     return state
+
+
+def _load_digits(weights: str | None, num_classes: int | None, device
+                 ) -> tuple[torch.nn.Module, list[str]]:
+    """The embedded digits CNN: its shipped weights, or a state_dict of the same network."""
+    from .digits import NUM_CLASSES, DigitsCNN, load_pretrained
+
+    if num_classes not in (None, NUM_CLASSES):
+        raise PipelineError(f"--model digits has {NUM_CLASSES} classes, not {num_classes}")
+    if weights is None:
+        model = load_pretrained()
+    else:
+        model = DigitsCNN()
+        try:
+            model.load_state_dict(_load_state_dict(weights))
+        except RuntimeError as exc:
+            raise PipelineError(f"--weights {weights!r} is not a state_dict of the digits CNN: "
+                                f"{_first_line(exc)}") from exc
+    return model.eval().to(device), [str(d) for d in range(NUM_CLASSES)]
 
 
 def _load_model_file(path: str, device) -> torch.nn.Module:

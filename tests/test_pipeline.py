@@ -207,6 +207,8 @@ def _tiny() -> torch.nn.Module:
     (["--model", "resnet18", "--format", "gif"], "expected png, npy or png,npy"),
     (["--model", "resnet18", "--rule", "nope"], "nope"),
     (["--model", "vit_b_16"], "Wrong image height! Expected 224 but got"),
+    (["--model", "digits", "--weights", "{tmp}/tiny_state.pt"], "not a state_dict of the digits"),
+    (["--model", "digits", "--num-classes", "3"], "has 10 classes, not 3"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, case, expected):
     folder = tmp_path / "imgs"
@@ -222,6 +224,31 @@ def test_user_errors_are_one_line(capsys, tmp_path, case, expected):
     assert code == 2 and stdout == ""
     assert stderr.count("\n") == 1 and stderr.startswith("rlrp-fast explain: error:"), stderr
     assert expected in stderr
+
+
+def test_the_embedded_digits_model_with_its_own_preprocessing(capsys, tmp_path):
+    """``--model digits``: the demo's CNN, grey 32×32 pixels in [0, 1] without any option;
+    digit class names; the same maps as the explainer on the same pixels."""
+    from rlrp_fast.digits import load_pretrained
+
+    folder = tmp_path / "imgs"
+    _write_images(folder, 3)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(capsys, folder, "--model", "digits", "--format", "npy",
+                                "--workers", 0, "--out", out)
+    assert code == 0, stderr
+    explainer = rlrp_fast.Explainer(load_pretrained())
+    prep = pipeline.Preprocess(32, mean=None, std=None, channels=1)
+    records = _records(out)
+    assert len(records) == 3
+    for rec in records:
+        x = prep(rec["file"])[None]
+        assert x.shape == (1, 1, 32, 32) and 0 <= x.min() and x.max() <= 1
+        e = explainer.explain(x)
+        assert rec["top_k"] == [int(e.targets[0])] and rec["labels"] == [str(rec["top_k"][0])]
+        r = np.load(out / rec["outputs"][0])
+        np.testing.assert_allclose(r, e.relevance[0].numpy(), rtol=1e-4,
+                                   atol=1e-6 * float(e.relevance.abs().max()))
 
 
 def test_no_images_is_one_line_error(capsys, tmp_path):
