@@ -73,8 +73,10 @@ class LXTAttnLRP:
         try:
             from lxt.efficient.models.vit_torch import cp_LRP
         except ImportError as err:
-            raise ImportError("the 'lxt' method needs LXT: pip install lxt==2.1 (it pulls in "
-                              f"transformers; it leaves torch as it is): {err}") from err
+            raise ImportError("the 'lxt' method needs LXT 2.1 with transformers 4 (LXT 2.1 "
+                              "imports transformers.modeling_attn_mask_utils, which "
+                              "transformers 5 removed): pip install lxt==2.1 'transformers<5'"
+                              f" ({err})") from err
         self.model, self._patches = model, cp_LRP
 
     def explain(self, x: torch.Tensor, target=None) -> Explanation:
