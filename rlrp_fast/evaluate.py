@@ -2,8 +2,9 @@
 
 :func:`faithfulness_table` scores every method of :data:`METHODS` on one model (region
 perturbation MoRF/LeRF/ABPC, insertion, deletion, Gini); :func:`run_full_evaluation` does it
-for the three zoo models on the 540 held-out images of the evaluation split, adds the
-robustness and randomisation studies and writes ``docs/EVALUATION.md`` and two figures.
+for one section of zoo models (:data:`SECTIONS`: the three classic CNNs, or the ViT and the
+SE-ConvNeXt) on the 540 held-out images of the evaluation split, adds the robustness and
+randomisation studies and writes that section of ``docs/EVALUATION.md`` and two figures.
 ``rlrp-fast evaluate`` runs :func:`faithfulness_table` on the embedded demo CNN.
 
 The library itself never prints: progress bars go to stderr only with ``progress=True``.
@@ -21,11 +22,23 @@ import torch
 import torch.nn as nn
 
 from . import metrics as M
+from . import zoo
 from .digits import _single_thread, evaluate_accuracy
 from .explainer import Explainer, Explanation
 
-__all__ = ["METHODS", "Method", "RandomMap", "faithfulness_table", "format_table",
-           "preactivation_std", "run_full_evaluation", "evaluate_default"]
+__all__ = ["ATTENTION_METHODS", "LXTAttnLRP", "METHODS", "Method", "RandomMap", "SECTIONS",
+           "Section", "faithfulness_table", "format_table", "methods_for", "preactivation_std",
+           "run_full_evaluation", "evaluate_default"]
+
+
+def _targets(logits: torch.Tensor, target) -> torch.Tensor:
+    """The explained class per sample: the prediction (``None``), one class for all (``int``)
+    or one per sample."""
+    if target is None:
+        return logits.argmax(dim=1)
+    if isinstance(target, int):
+        return torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
+    return torch.as_tensor(target, device=logits.device).long()
 
 
 class RandomMap:
@@ -39,15 +52,61 @@ class RandomMap:
     def explain(self, x: torch.Tensor, target=None) -> Explanation:
         with torch.inference_mode():
             logits = self.model(x)
-        if target is None:
-            targets = logits.argmax(dim=1)
-        elif isinstance(target, int):
-            targets = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
-        else:
-            targets = torch.as_tensor(target, device=x.device).long()
+        targets = _targets(logits, target)
         gen = torch.Generator().manual_seed(self.seed)
         r = torch.rand(x.shape, generator=gen, dtype=torch.float32) * 2 - 1
         return Explanation(relevance=r.to(x.device), logits=logits, targets=targets)
+
+
+class LXTAttnLRP:
+    """LXT 2.1's relevance for torchvision's ViT (``lxt.efficient.models.vit_torch.cp_LRP``),
+    on any model built from the same ``torch.nn`` modules: CP-LRP inside
+    ``nn.MultiheadAttention`` (no relevance through queries and keys: attention held
+    constant), the identity rule through LayerNorm's σ and through GELU, then gradient × input
+    (so LRP-0 on Linear/Conv layers; LXT's optional zennit γ-rules are not applied). Same
+    ``explain`` interface as :class:`rlrp_fast.Explainer`.
+
+    LXT patches these classes' ``forward`` process-wide; the patch is applied only for the
+    duration of each :meth:`explain` and the original methods restored after it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        try:
+            from lxt.efficient.models.vit_torch import cp_LRP
+        except ImportError as err:
+            raise ImportError("the 'lxt' method needs LXT 2.1 with transformers 4 (LXT 2.1 "
+                              "imports transformers.modeling_attn_mask_utils, which "
+                              "transformers 5 removed): pip install lxt==2.1 'transformers<5'"
+                              f" ({err})") from err
+        self.model, self._patches = model, cp_LRP
+
+    def explain(self, x: torch.Tensor, target=None) -> Explanation:
+        saved = {cls: {name: cls.__dict__.get(name) for name in ("forward", "original_forward")}
+                 for cls in self._patches}
+        try:
+            for cls, patch in self._patches.items():
+                if not patch(cls):
+                    raise RuntimeError(f"LXT could not patch {cls.__name__}.forward (already "
+                                       "patched elsewhere in this process?)")
+            with torch.enable_grad():
+                xg = x.detach().clone().requires_grad_(True)
+                logits = self.model(xg)
+                targets = _targets(logits, target)
+                picked = logits.gather(1, targets[:, None]).sum()
+                (grad,) = torch.autograd.grad(picked, xg)
+        finally:
+            for cls, methods in saved.items():
+                for name, fn in methods.items():
+                    if fn is None:
+                        if name in cls.__dict__:
+                            delattr(cls, name)
+                    else:
+                        setattr(cls, name, fn)
+        return Explanation(relevance=(xg * grad).detach(), logits=logits.detach(),
+                           targets=targets)
+
+
+def _has_attention(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
 
 
 @dataclass(frozen=True)
@@ -75,9 +134,30 @@ METHODS: tuple[Method, ...] = (
     Method("gxi", "gradient × input", _explainer("gradient_x_input")),
     Method("random", "random map", lambda model, _eps: RandomMap(model)),
 )
-"""The compared methods, in table order."""
+"""The compared methods, in table order (they apply to every model)."""
 
-_BY_KEY = {m.key: m for m in METHODS}
+ATTENTION_METHODS: tuple[Method, ...] = (
+    Method("lxt", "LXT AttnLRP (CP-LRP attention)", lambda model, _eps: LXTAttnLRP(model)),
+)
+"""Methods compared on models with ``nn.MultiheadAttention`` only, after :data:`METHODS`."""
+
+_BY_KEY = {m.key: m for m in METHODS + ATTENTION_METHODS}
+
+
+def _lxt_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lxt") is not None
+
+
+def methods_for(model: nn.Module) -> list[str]:
+    """The method keys :func:`run_full_evaluation` compares on ``model``: :data:`METHODS`, plus
+    :data:`ATTENTION_METHODS` when ``model`` has ``nn.MultiheadAttention`` and LXT is
+    installed."""
+    keys = [m.key for m in METHODS]
+    if _has_attention(model) and _lxt_installed():
+        keys += [m.key for m in ATTENTION_METHODS]
+    return keys
 
 
 def _select(keys: Sequence[str] | None) -> list[Method]:
@@ -368,7 +448,7 @@ def _save_heatmaps(per_model: dict[str, tuple[torch.Tensor, dict[str, MethodScor
     FigureCanvasAgg, Figure = require_matplotlib()
 
     models = list(per_model)
-    keys = list(next(iter(per_model.values()))[1])
+    keys = _union_keys(results for _x, results in per_model.values())
     rows, cols = len(models) * n_images, len(keys) + 1
     fig = Figure(figsize=(1.25 * cols, 1.3 * rows), dpi=100)
     FigureCanvasAgg(fig)
@@ -382,11 +462,14 @@ def _save_heatmaps(per_model: dict[str, tuple[torch.Tensor, dict[str, MethodScor
             axes[r, 0].imshow(x[j, 0].numpy(), cmap="gray", interpolation="nearest")
             axes[r, 0].set_ylabel(name if j == 0 else "", fontsize=7)
             for c, key in enumerate(keys, start=1):
+                if r == 0:
+                    axes[r, c].set_title(_BY_KEY[key].label.replace(" (", "\n("), fontsize=6)
+                if key not in results:  # a method that does not apply to this model
+                    axes[r, c].axis("off")
+                    continue
                 rel = results[key].relevance[j].sum(0).numpy()
                 m = heatmap_limit(rel)
                 axes[r, c].imshow(rel, cmap="bwr", vmin=-m, vmax=m, interpolation="nearest")
-                if r == 0:
-                    axes[r, c].set_title(_BY_KEY[key].label.replace(" (", "\n("), fontsize=6)
     axes[0, 0].set_title("input", fontsize=7)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.01, top=0.93, wspace=0.05, hspace=0.08)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +505,36 @@ def _save_curves(per_model: dict[str, dict[str, MethodScores]], path: Path) -> P
 # =============================================================================================
 # The full evaluation
 # =============================================================================================
+def _union_keys(tables) -> list[str]:
+    """The keys of several ``{method key: ...}`` tables, first seen first."""
+    keys: dict[str, None] = {}
+    for table in tables:
+        keys.update(dict.fromkeys(table))
+    return list(keys)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One generated part of ``EVALUATION.md``: its models, the markers it is written between
+    (``<!-- {marker}:begin -->`` … ``<!-- {marker}:end -->``), the prefix of its two figures
+    and the suffix of its ``##`` headings."""
+
+    archs: tuple[str, ...]
+    marker: str
+    figure_prefix: str
+    heading_suffix: str
+    command: str
+
+
+SECTIONS = {
+    "classic": Section(zoo.CLASSIC_ARCHS, "results", "eval", "",
+                       "python -m rlrp_fast.evaluate"),
+    "modern": Section(zoo.MODERN_ARCHS, "modern-results", "eval_modern",
+                      " (ViT, SE-ConvNeXt)", "python -m rlrp_fast.evaluate --section modern"),
+}
+"""``--section`` name -> :class:`Section`."""
+
+
 def _robust_table(study: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     rows = ["| method | mean max\\|R\\|/‖R‖₁ | worst max\\|R\\|/‖R‖₁ | NaN/Inf elements "
             "(clean + noisy) | median shift | 95th pct shift | max shift |",
@@ -443,17 +556,24 @@ def run_full_evaluation(out_dir: str | Path = "docs", n_images: int | None = Non
                         archs: Sequence[str] | None = None, patch_size: int = 4,
                         steps: int = 16, n_robust: int = 200, n_residual: int = 50,
                         n_sanity: int = 100, progress: bool = False,
-                        cache: str | Path | None = None) -> Path:
-    """Evaluate the three zoo models (shipped weights) and write ``out_dir/EVALUATION.md``,
-    ``out_dir/eval_heatmaps.png`` and ``out_dir/eval_curves.png``. Returns the Markdown path.
+                        cache: str | Path | None = None, section: str = "classic") -> Path:
+    """Evaluate one :data:`SECTIONS` entry's zoo models (shipped weights; ``archs`` overrides
+    the section's list) and write their part of ``out_dir/EVALUATION.md`` (between the
+    section's markers; the rest of the file is kept, a missing part is appended) and two
+    figures, ``out_dir/<figure_prefix>_heatmaps.png`` and ``_curves.png``. Returns the
+    Markdown path.
 
     ``n_images`` (default: all 540 held-out images of the evaluation split) are scored for
     faithfulness; ``n_robust`` for robustness, ``n_residual`` for the per-image residual
-    cancellation study (ResNet only), ``n_sanity`` for the randomisation check."""
-    from . import zoo
-
+    cancellation study (ResNet only), ``n_sanity`` for the randomisation check. Each model is
+    compared on :func:`methods_for` it (LXT's AttnLRP joins on attention models)."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r}; choose one of {sorted(SECTIONS)}")
+    sec = SECTIONS[section]
     out_dir = Path(out_dir)
-    archs = list(zoo.ARCHS) if archs is None else list(archs)
+    archs = list(sec.archs) if archs is None else list(archs)
+    for arch in archs:
+        zoo.weights_path(arch)  # an unknown name fails here, before any work
     _, _, x_all, y_all = zoo.load_eval_split()
     x = x_all if n_images is None else x_all[:n_images]
     t_start = time.perf_counter()
@@ -464,16 +584,17 @@ def run_full_evaluation(out_dir: str | Path = "docs", n_images: int | None = Non
         acc = evaluate_accuracy(model, x_all, y_all)
         std = preactivation_std(model, x)
         eps = 0.25 * std
+        keys = methods_for(model)
         t0 = time.perf_counter()
-        res = faithfulness_table(model, x, patch_size=patch_size, steps=steps, eps_std=eps,
-                                 progress=progress)
+        res = faithfulness_table(model, x, methods=keys, patch_size=patch_size, steps=steps,
+                                 eps_std=eps, progress=progress)
         info[arch] = (acc, std, eps, time.perf_counter() - t0)
         faith[arch] = res
         figs[arch] = (x[:3], res)
         n_layers = len([m for m in model.modules()
                         if isinstance(m, (nn.Linear, nn.Conv2d))])
-        sanity[arch] = (randomization_table(model, x[:n_sanity], eps, (1, 3, n_layers)),
-                        n_layers)
+        sanity[arch] = (randomization_table(model, x[:n_sanity], eps, (1, 3, n_layers),
+                                            methods=keys), n_layers)
         robust[arch] = robustness_study(model, x[:n_robust], eps)
         diags[arch] = diagnostics_rows(model, x[:n_sanity], eps)
         if arch == "resnet":
@@ -487,71 +608,78 @@ def run_full_evaluation(out_dir: str | Path = "docs", n_images: int | None = Non
                     for k, v in r.items()} for a, r in faith.items()},
                     "sanity": sanity, "robust": robust, "residual": residual, "info": info},
                    cache)
-    heat = _save_heatmaps(figs, out_dir / "eval_heatmaps.png")
-    curves = _save_curves(faith, out_dir / "eval_curves.png")
+    heat = _save_heatmaps(figs, out_dir / f"{sec.figure_prefix}_heatmaps.png")
+    curves = _save_curves(faith, out_dir / f"{sec.figure_prefix}_curves.png")
     md = _write_markdown(out_dir / "EVALUATION.md", faith, sanity, robust, residual, info, x,
                          patch_size, steps, total, heat.name, curves.name, n_robust,
-                         n_residual, n_sanity, diags)
+                         n_residual, n_sanity, diags, sec)
     return md
 
 
 def _write_markdown(path, faith, sanity, robust, residual, info, x, patch_size, steps, total,
-                    heat_name, curves_name, n_robust, n_residual, n_sanity, diags) -> Path:
-    lines = [_BEGIN, f"<!-- generated by `python -m rlrp_fast.evaluate` in {total:.0f} s "
+                    heat_name, curves_name, n_robust, n_residual, n_sanity, diags,
+                    section: Section = SECTIONS["classic"]) -> Path:
+    suffix = section.heading_suffix
+    begin, end = f"<!-- {section.marker}:begin -->", f"<!-- {section.marker}:end -->"
+    lines = [begin, f"<!-- generated by `{section.command}` in {total:.0f} s "
              f"({torch.get_num_threads()} CPU threads); do not edit between these markers -->",
-             "", "## Faithfulness", ""]
+             "", f"## Faithfulness{suffix}", ""]
     for arch, res in faith.items():
         acc, std, eps, secs = info[arch]
         lines += [f"### {arch} (test accuracy {acc * 100:.1f}%, {len(x)} images, "
                   f"ε_std = 0.25·{std:.3g} = {eps:.3g})", "", format_table(res), ""]
     lines += ["### Paired ABPC difference, R-LRP (default) minus each method", "",
               "| method | " + " | ".join(faith) + " |", "| --- |" + " --- |" * len(faith)]
-    for key in next(iter(faith.values())):
+    for key in _union_keys(faith.values()):
         if key == "rlrp":
             continue
         cells = []
         for res in faith.values():
+            if key not in res:  # the method does not apply to this model
+                cells.append("—")
+                continue
             d = res["rlrp"].abpc - res[key].abpc
             cells.append(_fmt(*M.summarize(d)))
         lines.append(f"| {_BY_KEY[key].label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Randomisation check", "",
+    lines += ["", f"## Randomisation check{suffix}", "",
               f"Mean Spearman ρ (per image, {n_sanity} images) between the map of the trained "
               "model and the map after re-initialising its top 1, top 3 and all Linear/Conv "
               "layers.", ""]
-    keys = list(next(iter(sanity.values()))[0])
+    keys = _union_keys(tab for tab, _n in sanity.values())
     head = "| method | " + " | ".join(
         f"{arch}: top 1 / top 3 / all {n}" for arch, (_, n) in sanity.items()) + " |"
     lines += [head, "| --- |" + " --- |" * len(sanity)]
     for key in keys:
         cells = []
         for arch, (tab, _n) in sanity.items():
-            cells.append(" / ".join(_fmt(M.summarize(v)[0], digits=2) for v in tab[key].values()))
+            cells.append(" / ".join(_fmt(M.summarize(v)[0], digits=2)
+                                    for v in tab[key].values()) if key in tab else "—")
         lines.append(f"| {_BY_KEY[key].label} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Per-layer conservation and L1 mass ({n_sanity} images)", "",
+    lines += ["", f"## Per-layer conservation and L1 mass{suffix} ({n_sanity} images)", "",
               "Each relevance-changing step (Linear, Conv, pools, residual adds), from "
               "`rlrp_fast.metrics.layer_diagnostics`.", ""]
     for arch, rows in diags.items():
         lines += [f"### {arch}", ""] + rows + [""]
-    lines += [f"## Robustness ({n_robust} images; residual study {n_residual} images)", ""]
+    residual_note = f"; residual study {n_residual} images" if residual is not None else ""
+    lines += [f"## Robustness{suffix} ({n_robust} images{residual_note})", ""]
     for arch, scen in robust.items():
         for name, study in scen.items():
             lines += [f"### {arch}, {name}", ""] + _robust_table(study) + [""]
     if residual is not None:
         lines += ["### resnet, residual add with u ≈ −v", ""] + _robust_table(residual) + [""]
-    lines.append(_END)
+    lines.append(end)
     generated = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.is_file() else ""
-    if _BEGIN in old and _END in old:  # keep the hand-written text around the results
-        head, rest = old.split(_BEGIN, 1)
-        text = head + generated + rest.split(_END, 1)[1]
+    if begin in old and end in old:  # keep the hand-written text around the results
+        head, rest = old.split(begin, 1)
+        text = head + generated + rest.split(end, 1)[1]
+    elif old:  # another section's file: add this part at its end
+        text = old.rstrip("\n") + "\n\n" + generated + "\n"
     else:
         text = "# Evaluation\n\n" + generated + "\n"
     path.write_text(text)
     return path
-
-
-_BEGIN, _END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def evaluate_default(n_images: int = 100, methods: Sequence[str] | None = None,
@@ -574,15 +702,16 @@ def evaluate_default(n_images: int = 100, methods: Sequence[str] | None = None,
 if __name__ == "__main__":
     import argparse
 
-    from .zoo import ARCHS
-
     parser = argparse.ArgumentParser(prog="python -m rlrp_fast.evaluate",
                                      description="Run the full evaluation; write docs/.")
     parser.add_argument("--out-dir", default="docs",
                         help="where EVALUATION.md and its two PNGs go (default: docs)")
+    parser.add_argument("--section", choices=list(SECTIONS), default="classic",
+                        help="which part of EVALUATION.md to (re)write: the three classic CNNs "
+                        "(default) or the ViT and SE-ConvNeXt ('modern')")
     parser.add_argument("--n-images", type=int, default=None)
-    parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=None,
-                        help="models to evaluate (default: all three)")
+    parser.add_argument("--archs", nargs="+", choices=list(zoo.ARCHS), default=None,
+                        help="models to evaluate (default: the section's)")
     parser.add_argument("--n-robust", type=int, default=200)
     parser.add_argument("--n-residual", type=int, default=50)
     parser.add_argument("--n-sanity", type=int, default=100)
@@ -593,5 +722,5 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     out = run_full_evaluation(args.out_dir, args.n_images, args.archs, n_robust=args.n_robust,
                               n_residual=args.n_residual, n_sanity=args.n_sanity,
-                              progress=True, cache=args.cache)
+                              progress=True, cache=args.cache, section=args.section)
     print(out)

@@ -54,6 +54,12 @@ SUBSTITUTIONS = (
                  "writes docs/ by default; 3 models x 540 images take 3-5 minutes (the ResNet "
                  "is the one model that runs every study)",
                  creates=("eval/EVALUATION.md", "eval/eval_heatmaps.png", "eval/eval_curves.png")),
+    Substitution("python -m rlrp_fast.evaluate --section modern --threads 1",
+                 "python -m rlrp_fast.evaluate --section modern --threads 1 --n-images 8 "
+                 "--n-robust 4 --n-sanity 4 --out-dir eval",
+                 "writes docs/ by default; the ViT and SE-ConvNeXt on 540 images take ~20 min",
+                 creates=("eval/EVALUATION.md", "eval/eval_modern_heatmaps.png",
+                          "eval/eval_modern_curves.png")),
     Substitution("rlrp-fast evaluate", "rlrp-fast evaluate --n-images 20", "100 images by default"),
     Substitution("python -m bench --quick", "python -m bench --quick --models digits --json "
                  "bench.json", "writes bench/results.json; the 224x224 models take minutes",

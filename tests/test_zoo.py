@@ -63,3 +63,35 @@ def test_unknown_arch_and_missing_weights(tmp_path):
         zoo.build("alexnet")
     with pytest.raises(FileNotFoundError, match="python -m rlrp_fast.zoo"):
         zoo.load_pretrained("resnet", tmp_path / "nope.pt")
+
+
+def test_modern_architectures_have_attention_and_gates():
+    vit = zoo.TinyViT()
+    attns = [m for m in vit.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attns) == 2 and all(a.batch_first for a in attns)
+    assert vit.cls_token.shape == (1, 1, 32) and vit.pos_embed.shape == (1, 65, 32)
+    assert any(isinstance(m, nn.GELU) for m in vit.modules())
+    se = zoo.SEConvNet()
+    assert sum(isinstance(m, nn.Sigmoid) for m in se.modules()) == 2
+    depthwise = [m for m in se.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert [m.groups for m in depthwise] == [16, 32]
+    graph = torch.fx.symbolic_trace(se).graph
+    adds = [n for n in graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert len(adds) == 2
+    assert set(zoo.CLASSIC_ARCHS) | set(zoo.MODERN_ARCHS) == set(zoo.ARCHS)
+
+
+@pytest.mark.parametrize("norm", ["layer", "neuron"])
+@pytest.mark.parametrize("arch", list(zoo.MODERN_ARCHS))
+def test_shipped_modern_models_explain_verified_and_conserve(arch, norm):
+    """Trace verification (on by default) passes on the trained weights and R-LRP passes on
+    exactly |logit| to the input (||R||_1 = |logit|), under both norms."""
+    model = zoo.load_pretrained(arch)
+    _, _, xte, _ = zoo.load_eval_split()
+    x = xte[:4]
+    e = rlrp_fast.Explainer(model, rule="rlrp", norm=norm, verify=True).explain(x)
+    torch.testing.assert_close(e.logits, model(x), rtol=1e-5, atol=1e-5)
+    logit = e.logits.gather(1, e.targets[:, None])[:, 0].abs()
+    l1 = e.relevance.abs().flatten(1).sum(1)
+    torch.testing.assert_close(l1, logit, rtol=1e-4, atol=1e-6)
+    assert (e.relevance != 0).any(dim=(1, 2, 3)).all()
