@@ -86,12 +86,15 @@ def release_memory(fns: dict) -> None:
 
 def time_interleaved(fns: dict, x: torch.Tensor, reps: int, device: torch.device,
                      budget_s: float | None = None, min_reps: int = 3,
-                     min_time_s: float = 1.0, max_reps: int = 50) -> dict[str, list[float]]:
+                     min_time_s: float = 1.0, max_reps: int = 50,
+                     cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each ``fns[key](x)``, measured round-robin after warm-up.
 
     Runs ``reps`` rounds; rounds that take milliseconds continue until ``min_time_s`` has
     passed (at most ``max_reps``). With ``budget_s``, stops after the round that exhausts it
-    (never before ``min_reps`` rounds)."""
+    (never before ``min_reps`` rounds). With ``cpu_times``, each call's process CPU seconds
+    (``time.process_time``, all threads) go there too: on a shared machine they show what the
+    wall time gained by waiting for a core."""
     keys = list(fns)
     start = time.perf_counter()
     warm = 0
@@ -110,10 +113,13 @@ def time_interleaved(fns: dict, x: torch.Tensor, reps: int, device: torch.device
         for i in range(len(keys)):
             key = keys[(r + i) % len(keys)]
             _sync(device)
+            c0 = time.process_time()
             t0 = time.perf_counter()
             out = fns[key](x)
             _sync(device)
             times[key].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(key, []).append(time.process_time() - c0)
             del out
             if device.type == "cpu" and times[key][-1] > _RELEASE_AFTER_S:
                 release_memory(fns)
@@ -177,7 +183,8 @@ def run(models, batches, keys, reps, device, dtype, memory=True, check_size=None
                 fns[key] = m.setup(own, spec, device,
                                    dtype_t if m.ours_dtype else torch.float32)
             t0 = time.perf_counter()
-            times = time_interleaved(fns, x, reps, device, budget_s)
+            cpu: dict[str, list[float]] = {}
+            times = time_interleaved(fns, x, reps, device, budget_s, cpu_times=cpu)
             for fn in fns.values():
                 if hasattr(fn, "attributor"):
                     fn.attributor.__exit__(None, None, None)
@@ -204,6 +211,8 @@ def run(models, batches, keys, reps, device, dtype, memory=True, check_size=None
                                times_ms=[t * 1e3 for t in times[key]],
                                images_per_s=batch / med,
                                x_gxi=med / gxi_t if gxi_t else None)
+                    if key in cpu:
+                        row["cpu_ms"] = statistics.median(cpu[key]) * 1e3
                 mem = mems.get(key, {})
                 if "peak_mb" in mem:
                     row.update(peak_mb=mem["peak_mb"], state_mb=mem["state_mb"],
@@ -217,7 +226,7 @@ def run(models, batches, keys, reps, device, dtype, memory=True, check_size=None
 # -- output ----------------------------------------------------------------------------------
 COLUMNS = [("model", "model", "{}"), ("batch", "batch", "{}"), ("label", "method", "{}"),
            ("status", "status", "{}"), ("median_ms", "median ms", "{:.1f}"),
-           ("reps", "n", "{}"), ("images_per_s", "images/s", "{:.2f}"),
+           ("cpu_ms", "CPU ms", "{:.1f}"), ("reps", "n", "{}"), ("images_per_s", "images/s", "{:.2f}"),
            ("x_gxi", "× g×i", "{:.2f}"), ("peak_mb", "peak MB", "{:.0f}"),
            ("state_mb", "of it state MB", "{:.0f}"), ("x_gxi_mem", "× g×i mem", "{:.2f}")]
 
@@ -250,7 +259,8 @@ def header(info: dict, device: torch.device, dtype: str, command: str,
              f"device: {device}, our methods in {dtype} (the others float32)",
              f"command: {command}",
              "median of n interleaved calls after a warm-up round; × g×i: time ratio to "
-             "gradient × input in the same rounds"
+             "gradient × input in the same rounds; CPU ms: the median call's process CPU time "
+             "(time.process_time)"
              + ("; peak MB: peak above model+input, one fresh process per method (state: what "
                 "set-up keeps)" if memory else "")]
     return "\n".join(lines)
@@ -279,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                         "minutes when other jobs share the cores): batch 1 "
                         "(digits 1 and 8), 3 rounds, the floor + R-LRP + zennit EpsilonPlus, "
                         "check at 64×64, no memory processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for this process (default: torch's own)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
     keys = a.methods or list(QUICK_METHODS if a.quick else DEFAULT_METHODS)
@@ -307,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     print(header(info, device, a.dtype, command,
                  memory=any(row.get("peak_mb") is not None for row in rows)))
     print(table(rows))
-    print(f"({elapsed:.0f} s)")
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"({elapsed:.0f} s" + (f"; load average {load_end:.1f} at the end" if load_end
+                                 is not None else "") + ")")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"machine": info, "device": str(device), "dtype": a.dtype,
-                   "command": command, "elapsed_s": elapsed, "rows": rows}, f, indent=1)
+                   "command": command, "elapsed_s": elapsed, "load_end": load_end,
+                   "rows": rows}, f, indent=1)
     return 0
