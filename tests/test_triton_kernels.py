@@ -84,7 +84,8 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backend_methods(device, kernel_calls):
-    """TritonBackend's two contractions equal TorchBackend's, through the kernels."""
+    """TritonBackend's contractions (and ``affine_abs``) equal TorchBackend's, through the
+    kernels."""
     torch_b, triton_b = TorchBackend(), TritonBackend()
     assert triton_b.name == "triton"
     for module, x_shape in [(nn.Linear(13, 10), (3, 13)),
@@ -105,12 +106,19 @@ def test_backend_methods(device, kernel_calls):
             r = triton_b.affine_relevance(step, w, g, a.shape, a_arg, z=z, eps=1e-6)
             r_ref = torch_b.affine_relevance(step, w, g, a.shape, a_arg, z=z, eps=1e-6)
             assert_close(r, r_ref, 1e-5, f"{module} classic path")
-    assert kernel_calls == {"dense": 3, "conv": 6}
+        # norm="neuron"'s |σ⊙W||a|, the folded scale of either sign
+        sigma = torch.randn(w.shape[0], device=device)
+        abs_weight = (w * sigma.view(-1, *[1] * (w.dim() - 1))).abs()
+        s = triton_b.affine_abs(step, a, w, sigma, lambda: abs_weight)
+        assert_close(s, torch_b.affine_abs(step, a, w, sigma, lambda: abs_weight), 1e-5,
+                     f"{module} affine_abs")
+    assert kernel_calls == {"dense": 3, "conv": 6, "abs": 3}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backend_falls_back(device, kernel_calls):
-    """Conv3d and float64 relevance go to the torch backend, with its results."""
+    """Conv3d and float64 relevance (and ``affine_abs``) go to the torch backend, with its
+    results."""
     torch_b, triton_b = TorchBackend(), TritonBackend()
     step = _affine(nn.Conv3d(2, 3, 3, 1, 1))
     a = torch.randn(2, 2, 4, 5, 3, device=device)
@@ -125,7 +133,9 @@ def test_backend_falls_back(device, kernel_calls):
     r, l1 = triton_b.affine_relevance_l1(step, w, g, a)
     assert r.dtype == torch.float64
     assert torch.equal(r, torch_b.affine_relevance_l1(step, w, g, a)[0])
-    assert kernel_calls == {"dense": 0, "conv": 0}
+    s = triton_b.affine_abs(step, a, w, None, w.abs)
+    assert torch.equal(s, torch_b.affine_abs(step, a, w, None, w.abs))
+    assert kernel_calls == {"dense": 0, "conv": 0, "abs": 0}
 
 
 # -- whole explainer -----------------------------------------------------------------------
