@@ -47,7 +47,7 @@ class StepError(ValueError):
     """A step failed in the forward pass; the message names the step."""
 
 
-def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int):
+def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int, fn=None):
     if isinstance(step, Affine):
         w, b, s = weights[index]
         x = args[0]
@@ -66,7 +66,7 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int)
         return (x * per_channel(step.scale.to(x.dtype), x)
                 + per_channel(step.shift.to(x.dtype), x))
     if isinstance(step, Activation):
-        return step.fn(args[0])
+        return fn(args[0])
     if isinstance(step, Add):  # (constants: appended to args by the caller)
         out = args[0]
         for other in args[1:]:
@@ -236,16 +236,17 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 bias = attention_bias(step, args[1], args[2],
                                       [values[s] for s in step.mask_slots])
                 args += [] if bias is None else [bias]
+            fn = plan.fns[i]  # not step.fn: see Plan.fns
             if isinstance(step, MaxPool):
-                out, indices = step.fn(args[0])
+                out, indices = fn(args[0])
                 tape.pool_indices[i] = indices
                 tape.shapes[i] = [args[0].shape]
             elif isinstance(step, Reshape):
-                out = step.fn(args[0], *resolve(step.args, values), **resolve(step.kwargs, values))
+                out = fn(args[0], *resolve(step.args, values), **resolve(step.kwargs, values))
                 tape.shapes[i] = [args[0].shape]
             elif isinstance(step, Broadcast):
                 chosen = (resolve(step.args, values), resolve(step.kwargs, values))
-                out = step.fn(args[0], *chosen[0], **chosen[1])
+                out = fn(args[0], *chosen[0], **chosen[1])
                 tape.shapes[i], tape.selections[i] = [args[0].shape], chosen
             elif isinstance(step, Select):
                 chosen = (resolve(step.args, values), resolve(step.kwargs, values))
@@ -256,7 +257,7 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 out = F.pad(args[0], pad, value=step.value)
                 tape.selections[i] = pad
             elif isinstance(step, Meta):
-                out = step.fn(*resolve(step.args, values), **resolve(step.kwargs, values))
+                out = fn(*resolve(step.args, values), **resolve(step.kwargs, values))
             elif isinstance(step, Constant):  # in the forward's dtype, as weights are
                 value = step.value  # (a bool mask stays bool)
                 out = value.to(x.dtype) if value.is_floating_point() else value
@@ -268,7 +269,7 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 out = _forward_step(step, args + [values[s] for s in step.constants],
                                     weights, i)
             else:
-                out = _forward_step(step, args, weights, i)
+                out = _forward_step(step, args, weights, i, fn)
                 if isinstance(step, Cat):
                     tape.shapes[i] = [a.shape for a in args]
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:

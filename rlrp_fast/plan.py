@@ -400,6 +400,13 @@ class Plan:
     num_slots: int
     # per slot, the traced node whose value it holds (trace verification compares them)
     slot_nodes: tuple[str | None, ...] = ()
+    # per step, its ``fn`` field (None without one), read from here by the forward: torch
+    # 2.11's dynamo cannot trace a call through a frozen dataclass's field that holds a
+    # method descriptor (``Tensor.flatten``), but can through a tuple the plan holds
+    fns: tuple = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fns", tuple(getattr(s, "fn", None) for s in self.steps))
 
 
 def step_reads(step: Step) -> list[int]:
