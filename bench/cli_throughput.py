@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -205,7 +206,9 @@ def run(models, n_images: int, top_k: int, workers: int, batch: int | None,
                     "summary_images_per_s": cli["summary_images_per_s"],
                     "alone_s": alone["seconds"],
                     "alone_images_per_s": n_images / alone["seconds"],
-                    "alone_share": alone["seconds"] / cli["summary_s"]})
+                    # the CLI rounds its loop time to 0.1 s: a tiny run may read 0
+                    "alone_share": (alone["seconds"] / cli["summary_s"]
+                                    if cli["summary_s"] > 0 else math.nan)})
     return rows
 
 
