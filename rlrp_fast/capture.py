@@ -30,7 +30,8 @@ SUPPORTED_OPS = (
     "running statistics (folded into a preceding Linear/Conv, else a per-channel scale); "
     "activations ReLU, LeakyReLU, ReLU6, GELU, SiLU, ELU, Tanh, Sigmoid, Hardswish, Hardsigmoid "
     "(modules, torch.* and F.* functions, tensor methods); the product of a tensor and a gate "
-    "(a Sigmoid/Hardsigmoid output: squeeze-excitation), x * sigmoid(x), scaling by a parameter "
+    "(a Sigmoid/Hardsigmoid output: squeeze-excitation; a Softmax output over a non-batch dim, "
+    "used only as a gate), x * sigmoid(x), scaling by a parameter "
     "or number (layer scale), division by a number; the product of two tensors (x * y, x @ y, "
     "torch.bmm); LayerNorm, GroupNorm, RMSNorm (modules and F.layer_norm, F.group_norm, "
     "F.rms_norm) and a LayerNorm written out ((x - mean) / sqrt(biased var + eps) * w + b); "
@@ -39,8 +40,9 @@ SUPPORTED_OPS = (
     "Unflatten, view, reshape, flatten, unflatten, squeeze, unsqueeze, view_as, reshape_as, "
     "permute, transpose, swapaxes/swapdims, contiguous; expand, expand_as, broadcast_to, "
     "repeat; torch.roll, F.pad (constant mode), ZeroPad1d/2d/3d, ConstantPad1d/2d/3d; "
-    "Identity, Dropout (eval); tensor + tensor and tensor + parameter/buffer (a position "
-    "embedding; operator +, +=, torch.add, Tensor.add); torch.cat (also of a parameter: a class "
+    "Identity, Dropout (eval); tensor + tensor and tensor + parameter/buffer/number (a position "
+    "embedding; operator +, +=, torch.add, Tensor.add); tensor - parameter/buffer/number (input "
+    "normalisation; operator -, -=, torch.sub, Tensor.sub); torch.cat (also of a parameter: a class "
     "token); chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
     "nn.MultiheadAttention (batch first or not, packed or separate in-projections, attn_mask, "
     "key_padding_mask, is_causal; no bias_k/bias_v, no add_zero_attn) and "
@@ -120,8 +122,10 @@ _ACTIVATION_FUNCTIONS: dict[Any, Callable] = {
     F.sigmoid: torch.sigmoid, F.hardsigmoid: F.hardsigmoid,
 }
 # Activations whose output is a gate in a product, and the activation that product is when the
-# gate is computed from the signal itself (x * sigmoid(x) is SiLU written out).
-_GATES = {torch.sigmoid: F.silu, F.hardsigmoid: F.hardswish}
+# gate is computed from the signal itself (x * sigmoid(x) is SiLU written out; x * softmax(x)
+# is no activation, so a gate).
+_GATES = {torch.sigmoid: F.silu, F.hardsigmoid: F.hardswish, torch.softmax: None}
+_SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax}
 _MUL_FUNCTIONS = {operator.mul, torch.mul}
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 # Functions returning a tuple of views of their input, taken apart by getitem.
@@ -167,6 +171,7 @@ _RESHAPE_FUNCTIONS = {torch.flatten: "flatten", torch.reshape: "reshape",
                       torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
                       torch.unflatten: "unflatten"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub, torch.subtract}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _META_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add,
                    operator.sub, operator.truediv, operator.mod, len,
@@ -237,6 +242,10 @@ def _fold(step: Affine, scale: torch.Tensor, shift: torch.Tensor, name: str) -> 
                   module=step.module)
 
 
+def _is_number(arg: Any) -> bool:
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool)
+
+
 def _mutated_operand(node: fx.Node, gm: fx.GraphModule) -> Any:
     """The argument an in-place op overwrites (None for out-of-place ops). Dropout in eval
     and Identity change nothing, in place or not."""
@@ -274,6 +283,8 @@ class _Builder:
         self.output_slot: int | None = None
         self.view_of: dict[int, int] = {}  # slot of a reshape's output → slot of its input
         self.gate_of: dict[int, tuple[Callable, int]] = {}  # gate slot → (activation, its input)
+        self.softmax_nodes: dict[int, fx.Node] = {}  # slot of a softmax output → its node
+        self.no_mask_nodes: set[fx.Node] = set()  # timm's attention mask helpers returning None
         self.constants: dict[fx.Node, torch.Tensor] = {}  # get_attr nodes
         # chunk/split/unbind nodes (tuples of parts): node → (source slot, fn, args, kwargs)
         self.parts_of: dict[fx.Node, tuple] = {}
@@ -378,6 +389,7 @@ class _Builder:
                 self.on_mutation(node, mutated)
         if self.input_slot is None or self.output_slot is None:
             raise UnsupportedModelError("the traced model has no input or no output")
+        self.check_softmax_gates()
         slot_nodes: list[str | None] = [None] * self.num_slots
         for node in nodes:  # graph order: a slot holds the value of the last node mapped to it
             if node in self.slot_of:
@@ -474,6 +486,8 @@ class _Builder:
             self.on_batchnorm(node, module)
         elif kind in _NORMALIZATIONS:
             self.on_normalization(node, _NORMALIZATIONS[kind], module)
+        elif kind is nn.Softmax:
+            self.on_softmax(node, src, module.dim)
         elif _functional_activation(module) is not None:
             self.emit(node, Activation, (src,), fn=_functional_activation(module))
         elif kind in _MAXPOOLS or kind in _AVGPOOLS or kind in _ADAPTIVE_AVGPOOLS:
@@ -566,6 +580,10 @@ class _Builder:
             self.on_parts(node, _PART_FUNCTIONS[fn])
         elif fn in _ADD_FUNCTIONS:
             self.on_add(node)
+        elif fn in _SOFTMAX_FUNCTIONS:
+            self.on_softmax_call(node)
+        elif fn in _SUB_FUNCTIONS:
+            self.on_sub(node)
         elif fn in _ACTIVATION_FUNCTIONS:
             self.on_activation(node, _ACTIVATION_FUNCTIONS[fn])
         elif fn in _POOL_FUNCTIONS:
@@ -588,6 +606,10 @@ class _Builder:
             self.on_matmul(node)
         elif fn in (operator.truediv, torch.div, torch.true_divide):
             self.on_div(node)
+        elif _timm_function(fn) == "resolve_self_attn_mask":
+            self.on_timm_attention_mask(node)
+        elif _timm_function(fn) == "maybe_add_mask":
+            self.on_timm_add_mask(node)
         elif getattr(fn, "__name__", "") == "stochastic_depth" and _stochastic_depth_off(node):
             self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
         elif fn in _NORMALIZATION_FUNCTIONS:
@@ -608,6 +630,10 @@ class _Builder:
                            operator.methodcaller(method))
         elif method in ("add", "add_"):
             self.on_add(node)
+        elif method in ("sub", "sub_", "subtract", "subtract_"):
+            self.on_sub(node)
+        elif method == "softmax":
+            self.on_softmax_call(node)
         elif method in _ACTIVATION_METHODS:
             self.on_activation(node, _ACTIVATION_METHODS[method])
         elif method in _RESHAPE_METHODS:
@@ -652,18 +678,110 @@ class _Builder:
         self.is_meta.add(node)
 
     def on_add(self, node: fx.Node) -> None:
-        kwargs = dict(node.kwargs)
-        if kwargs.pop("alpha", 1) != 1 or kwargs:
-            raise _unsupported(node, self.describe(node), "torch.add with alpha or out=")
-        operands = node.args
-        if not all(isinstance(a, fx.Node) and a not in self.is_meta for a in operands):
-            raise _unsupported(node, self.describe(node), "adding a constant number or shape "
-                               "value to a tensor (only tensors, parameters and buffers)")
-        slots = [self.operand(node, a) for a in operands]
+        """A sum of tensors; parameters, buffers and numbers in it are constants (a bias)."""
+        self.check_alpha(node, "add")
+        slots = [self.term(node, a) for a in node.args]
         inputs = tuple(s for s, const in slots if not const)
         if not inputs:
             raise _unsupported(node, self.describe(node), "a sum of constants only")
         self.emit(node, Add, inputs, constants=tuple(s for s, const in slots if const))
+
+    def on_sub(self, node: fx.Node) -> None:
+        """``x − c`` with ``c`` a parameter, buffer (or a constant derived from one) or a
+        number: a bias, as ``x + (−c)``. A signal subtracted is refused: ``x − y`` and
+        ``c − x`` would need a sum with a negative weight, which no rule defines."""
+        self.check_alpha(node, "sub")
+        if len(node.args) != 2:
+            raise _unsupported(node, self.describe(node), "subtraction needs two operands")
+        minuend, subtrahend = node.args
+        if _is_number(subtrahend):  # the sign folded into the number
+            subtrahend = -subtrahend
+        (signal, signal_const), (slot, const) = (self.term(node, a)
+                                                  for a in (minuend, subtrahend))
+        if signal_const or not const:
+            raise _unsupported(node, self.describe(node), "subtracting a signal (x − y, c − x): "
+                               "only a parameter, buffer or number may be subtracted")
+        if _is_number(subtrahend):
+            self.emit(node, Add, (signal,), constants=(slot,))
+        else:
+            self.emit(node, Add, (signal,), subtracted=(slot,))
+
+    def on_timm_attention_mask(self, node: fx.Node) -> None:
+        """timm's written-out attention builds its additive mask in a function fx does not
+        enter (``resolve_self_attn_mask(seq_len, attn, attn_mask, is_causal)``); without a
+        mask it is None, and ``maybe_add_mask(scores, None)`` is the scores."""
+        given = {**dict(zip(("seq_len", "attn", "attn_mask", "is_causal"), node.args)),
+                 **node.kwargs}
+        if given.get("attn_mask") is not None or given.get("is_causal", False) is not False:
+            raise _unsupported(node, self.describe(node), "timm's written-out attention with "
+                               "attn_mask or is_causal (without them it explains)")
+        self.no_mask_nodes.add(node)
+
+    def on_timm_add_mask(self, node: fx.Node) -> None:
+        scores, mask = (node.args + (node.kwargs.get("attn_mask"),))[:2]
+        if mask is not None and mask not in self.no_mask_nodes:
+            raise _unsupported(node, self.describe(node), "an attention mask added to the "
+                               "scores of a written-out attention")
+        self.alias(node, scores)
+
+    def on_softmax_call(self, node: fx.Node) -> None:
+        """``torch.softmax``/``F.softmax``/``x.softmax`` (``input, dim, dtype``)."""
+        given = {**dict(zip(("input", "dim"), node.args)), **node.kwargs}
+        given.pop("_stacklevel", None)
+        if given.pop("dtype", None) is not None or set(given) != {"input", "dim"}:
+            raise _unsupported(node, self.describe(node), "softmax with dtype= or without dim")
+        self.on_softmax(node, self.tensor_slot(node, given["input"]), given["dim"])
+
+    def on_softmax(self, node: fx.Node, src: int, dim: Any) -> None:
+        """A softmax outside an attention module: a gate (docs/RLRP_SPEC.md, "Gates: the
+        signal takes all"), which no relevance may pass through; :meth:`check_softmax_gates`
+        refuses the plan if its output is used as a signal."""
+        if not isinstance(dim, int) or dim == 0:
+            raise _unsupported(node, self.describe(node), "softmax needs an explicit dim other "
+                               "than the batch dim 0")
+        self.emit(node, Activation, (src,), fn=functools.partial(torch.softmax, dim=dim))
+        self.softmax_nodes[self.slot_of[node]] = node
+
+    def check_softmax_gates(self) -> None:
+        """Relevance must never reach a softmax output: walk back from the output through
+        every step's signal inputs (gates, constants, attention's query and key carry none)."""
+        reached = {self.output_slot}
+        for step in reversed(self.steps):
+            if step.output in reached:
+                reached.update(step.inputs)
+        for slot, node in self.softmax_nodes.items():
+            if slot in reached:
+                raise _unsupported(node, self.describe(node), "its output is used as a signal "
+                                   "(relevance would have to pass through the softmax); a "
+                                   "softmax is supported as a gate (x * softmax(g)) and inside "
+                                   "attention modules")
+
+    def check_alpha(self, node: fx.Node, name: str) -> None:
+        kwargs = dict(node.kwargs)
+        if kwargs.pop("alpha", 1) != 1 or kwargs:
+            raise _unsupported(node, self.describe(node), f"torch.{name} with alpha or out=")
+
+    def term(self, node: fx.Node, arg: Any) -> tuple[int, bool]:
+        """``(slot, is constant)`` of an operand of a sum: a tensor, or a number made a
+        :class:`Constant`; shape values are refused."""
+        if _is_number(arg):
+            return self.number(node, arg), True
+        if not isinstance(arg, fx.Node) or arg in self.is_meta:
+            raise _unsupported(node, self.describe(node), "a sum with a shape value or a "
+                               f"non-number {arg!r} (only tensors, parameters, buffers and "
+                               "numbers)")
+        return self.operand(node, arg)
+
+    def number(self, node: fx.Node, value: float) -> int:
+        """The slot of a new :class:`Constant` holding ``value`` (float64: the forward casts
+        it to its own dtype, as Python's arithmetic would)."""
+        slot = self.num_slots
+        self.steps.append(Constant(name=f"{node.name}_number", target=self.describe(node),
+                                   inputs=(), output=slot,
+                                   value=torch.tensor(value, dtype=torch.float64)))
+        self.num_slots += 1
+        self.const_slots.add(slot)
+        return slot
 
     def on_parts(self, node: fx.Node, fn: Callable) -> None:
         """``chunk``/``split``/``unbind``: a tuple of views, taken apart by ``getitem``."""
@@ -770,8 +888,8 @@ class _Builder:
         gate = gates[0]
         signal = slots[1] if slots[0] == gate else slots[0]
         activation, source = self.gate_of[gate]
-        if source == signal and gate not in self.view_of:  # x * sigmoid(x): SiLU
-            self.emit(node, Activation, (signal,), fn=_GATES[activation])
+        if source == signal and gate not in self.view_of and _GATES[activation] is not None:
+            self.emit(node, Activation, (signal,), fn=_GATES[activation])  # x * sigmoid(x)
         else:
             self.emit(node, Gate, (signal,), gate=gate)
 
@@ -797,7 +915,8 @@ class _Builder:
         self.emit_scale(node, numerator, torch.tensor(1 / denominator, dtype=torch.float64))
 
     def on_matmul(self, node: fx.Node) -> None:
-        """``u @ v`` of two signals (at least 2-D each): a :class:`Product`."""
+        """``u @ v`` of two signals (at least 3-D each): a :class:`Product`; with one of them
+        a gate (``softmax(q kᵀ) @ v``, attention written out), a matmul :class:`Gate`."""
         if node.kwargs or len(node.args) != 2:
             raise _unsupported(node, self.describe(node), "matmul with out= or options")
         slots = []
@@ -806,9 +925,15 @@ class _Builder:
             if const:
                 raise _unsupported(node, self.describe(node), "a matmul with a parameter or "
                                    "buffer (write it as nn.Linear)")
-            if slot in self.gate_of:
-                raise _unsupported(node, self.describe(node), "a matmul with a gate")
             slots.append(slot)
+        gates = [s in self.gate_of for s in slots]
+        if all(gates):
+            raise _unsupported(node, self.describe(node), "both operands are gates")
+        if any(gates):
+            left, right = slots
+            self.emit(node, Gate, (right if gates[0] else left,), gate=left if gates[0] else right,
+                      kind="matmul", gate_left=gates[0])
+            return
         self.emit(node, Product, tuple(slots), kind="matmul")
 
     def on_activation(self, node: fx.Node, fn: Callable) -> None:
@@ -1223,6 +1348,13 @@ def _constant_value(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor:
     if node.op == "call_function":  # operator.getitem
         return base[node.args[1]]
     return getattr(base, node.target)(*node.args[1:], **node.kwargs)
+
+
+def _timm_function(fn: Any) -> str | None:
+    """The name of a function of timm's (they may be fx leaves: ``@torch.fx.wrap``)."""
+    if str(getattr(fn, "__module__", "")).startswith("timm."):
+        return getattr(fn, "__name__", None)
+    return None
 
 
 def _stochastic_depth_off(node: fx.Node) -> bool:

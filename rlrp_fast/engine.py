@@ -80,18 +80,24 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int,
         return torch.cat(args, dim=step.dim)
     if isinstance(step, Gate):
         signal, gate = args
-        return signal * gate
+        if step.kind == "matmul":
+            _check_matmul(signal, gate)
+        return step.apply(signal, gate)
     if isinstance(step, Normalization):
         return normalization_forward(step, args[0])
     if isinstance(step, Product):
         u, v = args
         if step.kind == "mul":
             return u * v
-        if min(u.dim(), v.dim()) < 3:  # the batch would be a matrix dim: samples mix
-            raise ValueError("a matmul of two signals needs both at least 3-D (the batch "
-                             "and a matrix): with a 2-D operand it mixes samples")
+        _check_matmul(u, v)
         return torch.matmul(u, v)
     raise AssertionError(type(step))  # MaxPool/Reshape/Meta/Constant: handled by the caller
+
+
+def _check_matmul(u: torch.Tensor, v: torch.Tensor) -> None:
+    if min(u.dim(), v.dim()) < 3:  # the batch would be a matrix dim: samples mix
+        raise ValueError("a matmul of two signals needs both at least 3-D (the batch "
+                         "and a matrix): with a 2-D operand it mixes samples")
 
 
 def _last_reads(plan: Plan) -> list[list[int]]:
@@ -110,9 +116,10 @@ def _last_reads(plan: Plan) -> list[list[int]]:
 LOST = -1  # a batch dim that no single dim of a tensor holds any more (x.view(N·L, E))
 
 
-def _batch_dim_after(step: Step, args: list, ins: list[int | None], out: torch.Tensor,
+def _batch_dim_after(step: Step, fn, args: list, ins: list[int | None], out: torch.Tensor,
                      n: int, values: list) -> int | None:
-    """The dim of ``out`` that holds the batch, from its inputs' (``ins``)."""
+    """The dim of ``out`` that holds the batch, from its inputs' (``ins``); ``fn`` is the
+    step's function as :attr:`Plan.fns` holds it."""
     known = [b for b in ins if b is not None]
     if not known:
         return None  # computed from constants only
@@ -133,21 +140,20 @@ def _batch_dim_after(step: Step, args: list, ins: list[int | None], out: torch.T
             if out.shape[:k].numel() == before and out.shape[k] == n:
                 return k
         return LOST
-    if isinstance(step, Broadcast):  # copies: follow a marker's values
-        a = args[0]
-        marker = _marker(a, b, n)
-        moved = step.fn(marker, *resolve(step.args, values), **resolve(step.kwargs, values))
-        for k in range(moved.dim()):
-            if moved.shape[k] == n and bool((moved == _marker(moved, k, n)).all()):
-                return k
-        return LOST
+    if isinstance(step, Broadcast):
+        # expand/broadcast_to/repeat align dims on the right and only add leading ones; the
+        # batch keeps a dim of its own unless it was tiled (repeat) or a batch of 1 expanded.
+        # From shapes alone, not by replaying the copy: a value test would be a
+        # data-dependent branch that torch.export cannot trace.
+        k = b + out.dim() - args[0].dim()
+        return k if out.shape[k] == n else LOST
     if isinstance(step, (Reshape, Select)):  # views: follow a marker along the batch dim
         a = args[0]
         marker = _marker(a, b, n)
         if isinstance(step, Select):
             moved = step.apply(marker, *(_resolve_selection(step, values)))
         else:
-            moved = step.fn(marker, *resolve(step.args, values), **resolve(step.kwargs, values))
+            moved = fn(marker, *resolve(step.args, values), **resolve(step.kwargs, values))
         if isinstance(moved, torch.Tensor):
             for k in range(moved.dim()):
                 if moved.shape[k] == n and (moved.stride(k) != 0 or n == 1):
@@ -185,7 +191,7 @@ def _moved_batch_dim(step: Step, layout: tuple[int | None, list[int | None]]) ->
                                       "where the attention takes it")
     elif isinstance(step, (Pool, Scale, MaxPool)) or (isinstance(step, Affine) and step.is_conv) \
             or (isinstance(step, Normalization) and step.kind == "group") \
-            or (isinstance(step, Product) and step.kind == "matmul"):
+            or (isinstance(step, (Product, Gate)) and step.kind == "matmul"):
         raise NotImplementedError(f"{what} reads a tensor whose batch is dim {b}, not dim 0 "
                                   "(supported there: Linear, layer/RMS norms, activations, "
                                   "gates, sums, attention, reshapes)")
@@ -265,9 +271,8 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 every = [values[s] for s in step.operands]
                 out = torch.cat(every, dim=step.dim)
                 tape.shapes[i] = [a.shape for a in every]
-            elif isinstance(step, Add) and step.constants:  # constants take no relevance
-                out = _forward_step(step, args + [values[s] for s in step.constants],
-                                    weights, i)
+            elif isinstance(step, Add) and step.bias_slots:  # constants take no relevance
+                out = _forward_step(step, args + step.bias(values), weights, i)
             else:
                 out = _forward_step(step, args, weights, i, fn)
                 if isinstance(step, Cat):
@@ -278,7 +283,7 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                             f"{shapes}: {exc}") from exc
         if not isinstance(step, (Meta, Constant)):
             ins = [batch_dims[s] for s in step.inputs]
-            batch_dims[step.output] = _batch_dim_after(step, args, ins, out, n, values)
+            batch_dims[step.output] = _batch_dim_after(step, fn, args, ins, out, n, values)
             seq_first = isinstance(step, Attention) and not step.batch_first
             if any(b != 0 for b in ins) or batch_dims[step.output] != 0 or seq_first:
                 tape.layouts[i] = (batch_dims[step.output], ins)

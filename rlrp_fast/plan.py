@@ -182,12 +182,27 @@ class Broadcast(Step):
 
 @dataclass(frozen=True, eq=False)
 class Gate(Step):
-    """``z = signal ⊙ gate`` (broadcasting either way), ``gate`` the slot of a Sigmoid or
-    Hardsigmoid output (through reshapes) or of a :class:`Constant` (a layer scale): a product
-    whose relevance goes to the signal (``inputs``) only; the gate is read, never given
-    relevance (docs/RLRP_SPEC.md, "Gates: the signal takes all")."""
+    """``z = signal ⊙ gate`` (broadcasting either way), ``gate`` the slot of a Sigmoid,
+    Hardsigmoid or Softmax output (through reshapes) or of a :class:`Constant` (a layer
+    scale): a product whose relevance goes to the signal (``inputs``) only; the gate is read,
+    never given relevance (docs/RLRP_SPEC.md, "Gates: the signal takes all"). ``kind``
+    ``"matmul"``: ``z = gate @ signal`` (``gate_left``, attention written out:
+    ``softmax(q kᵀ) @ v``) or ``signal @ gate``, both at least 3-D (batch first)."""
 
     gate: int
+    kind: str = "mul"
+    gate_left: bool = True
+
+    def apply(self, signal: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The forward: ``z`` from the signal and the gate."""
+        if self.kind == "mul":
+            return signal * gate
+        return gate @ signal if self.gate_left else signal @ gate
+
+    def adjoint(self, gate: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``Gᵀ r`` for the linear map ``signal ↦ z`` (a matmul gate only)."""
+        gate_t = gate.transpose(-2, -1)
+        return gate_t @ r if self.gate_left else r @ gate_t
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,10 +298,21 @@ class Add(Step):
     (a per-channel ``(N, C, 1, 1)`` term, a spatial mean kept as ``(N, C, 1, 1)``) is read
     by every output element it broadcasts to, so its relevance is the sum over those
     (the sum is a linear map with unit weights). ``constants`` are the slots of
-    :class:`Constant` values (a position embedding, broadcast) added in the forward but given
-    no relevance: they act as a bias (docs/RLRP_SPEC.md, "Constants take nothing")."""
+    :class:`Constant` values (a position embedding, broadcast; a number) added in the forward
+    but given no relevance: they act as a bias (docs/RLRP_SPEC.md, "Constants take nothing");
+    ``subtracted`` the constants subtracted (``x − mean``), a bias too."""
 
     constants: tuple[int, ...] = ()
+    subtracted: tuple[int, ...] = ()
+
+    @property
+    def bias_slots(self) -> tuple[int, ...]:
+        return self.constants + self.subtracted
+
+    def bias(self, values: list) -> list:
+        """The constants as terms to add (the subtracted ones negated: ``x + (−m)`` is
+        ``x − m`` exactly in floating point)."""
+        return [values[s] for s in self.constants] + [-values[s] for s in self.subtracted]
 
 
 @dataclass(frozen=True, eq=False)
@@ -415,7 +441,7 @@ def step_reads(step: Step) -> list[int]:
     if isinstance(step, Gate):
         slots.append(step.gate)
     if isinstance(step, Add):
-        slots += step.constants
+        slots += step.bias_slots
     if isinstance(step, Cat):
         slots += step.operands
     if isinstance(step, Attention):

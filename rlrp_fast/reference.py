@@ -421,7 +421,7 @@ def _per_sample_reads(step) -> list[int]:
     if isinstance(step, Attention):
         slots += [step.query, step.key]
     if isinstance(step, Add):
-        slots += step.constants
+        slots += step.bias_slots
     return slots
 
 
@@ -500,8 +500,8 @@ def _forward_step(k, step, values, fw):
             op = _add_op(shapes)
         a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
         z_flat = _apply(op, a_flat)
-        if isinstance(step, Add) and step.constants:  # a bias, per sample (broadcast)
-            added = sum(values[c] for c in step.constants)
+        if isinstance(step, Add) and step.bias_slots:  # a bias, per sample (broadcast)
+            added = sum(step.bias(values))
             z_flat = z_flat + torch.broadcast_to(added, (n, *op.out_shape)).reshape(n, -1)
         fw.ops[k], fw.linear_inputs[k], fw.linear_outputs[k] = op, a_flat, z_flat
         out = z_flat.view(n, *op.out_shape)
@@ -528,7 +528,8 @@ def _forward_step(k, step, values, fw):
         out = torch.nn.functional.pad(args[0], tuple(_resolve(step.pad, values)),
                                       value=step.value)
     elif isinstance(step, Gate):
-        out = args[0] * values[step.gate]
+        out = args[0] * values[step.gate] if step.kind == "mul" else \
+            _gate_terms(step, args[0], values[step.gate]).sum(-2)
     elif isinstance(step, Product):
         u, v = args
         out = u * v if step.kind == "mul" else _product_terms(u, v).sum(-2)
@@ -707,6 +708,9 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
             out[k] = ("attention", {"norm": options["norm"]}) if rule == "rlrp" else (
                 "attention_eps", {"eps": _attention_epsilon(step, rule, options, stab)})
             continue
+        if isinstance(step, Gate) and step.kind == "matmul" and rule != "rlrp":
+            out[k] = ("gate_eps", {"eps": stab})  # no signal passes a matmul unchanged
+            continue
         if isinstance(step, (Gate, Normalization)):  # the classic rules: the signal takes R
             kind = "gate" if isinstance(step, Gate) else "normalization"
             out[k] = ((kind, {"norm": options["norm"]}) if rule == "rlrp"
@@ -715,7 +719,7 @@ def _formulas(plan: Plan, rule: str, options: dict) -> dict[int, tuple[str, dict
         if rule == "rlrp":
             if isinstance(step, Add):  # adds never take the neuron form
                 # an add with a constant (a bias) is linear in its tensors under every skip
-                ratio = options["skip"] == "ratio" and not step.constants
+                ratio = options["skip"] == "ratio" and not step.bias_slots
                 out[k] = ("ratio", {}) if ratio else ("rlrp", {})
             else:
                 out[k] = ("rlrp_neuron" if options["norm"] == "neuron" else "rlrp", {})
@@ -1342,6 +1346,8 @@ def _gate_backward(step, r_z, signal, gate, formula, options) -> torch.Tensor:
     renormalised. Classic rules: the gate is a constant and the signal its only contributor,
     so the signal receives ``R`` itself (zennit/LXT's convention)."""
     s, g = signal.to(DTYPE), gate.to(DTYPE)
+    if step.kind == "matmul":
+        return _gate_matmul_backward(step, r_z.to(DTYPE), s, g, formula, options)
     if formula == "pass_signal":
         return r_z.sum_to_size(s.shape)
     c = s * g * r_z
@@ -1351,6 +1357,33 @@ def _gate_backward(step, r_z, signal, gate, formula, options) -> torch.Tensor:
                         torch.zeros_like(c))
     return _renormalise(c.sum_to_size(s.shape).reshape(s.shape[0], -1),
                         r_z.reshape(r_z.shape[0], -1)).view(s.shape)
+
+
+def _gate_terms(step, s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A matmul gate's terms ``t[..., i, k, j]`` (``Σ_k`` is ``z``): ``g_ik s_kj`` for
+    ``z = g @ s``, ``s_ik g_kj`` for ``z = s @ g``."""
+    return _product_terms(g, s) if step.gate_left else _product_terms(s, g)
+
+
+def _gate_matmul_backward(step, r, s, g, formula, options) -> torch.Tensor:
+    """``z = G s`` (or ``s G``) with ``G`` a gate held constant. R-LRP: the signal's terms
+    ``c_ikj = t_ikj R_ij`` (``norm="neuron"``: over ``Σ_k |t_ikj|``, 0 where that is 0),
+    summed over the outputs each signal element feeds, then renormalised. Classic rules:
+    ε, ``c_ikj = t_ikj R_ij / stab(z_ij)``."""
+    terms = _gate_terms(step, s, g)                                     # (…, i, k, j)
+    per_term = r
+    if formula == "gate_eps":
+        per_term = r / _stab(terms.sum(-2), options["eps"])
+    elif options["norm"] == "neuron":
+        size = terms.abs().sum(-2)
+        per_term = torch.where(size > 0, r / torch.where(size > 0, size, torch.ones_like(size)),
+                               torch.zeros_like(r))
+    c = terms * per_term[..., :, None, :]
+    # the signal is the right factor (k, j) of G s and the left (i, k) of s G
+    r_s = (c.sum(-3) if step.gate_left else c.sum(-1)).sum_to_size(s.shape)
+    if formula == "gate_eps":
+        return r_s
+    return _renormalise(r_s.reshape(s.shape[0], -1), r.reshape(r.shape[0], -1)).view(s.shape)
 
 
 def _route_backward(step, r_z, inputs, winners, values) -> list[torch.Tensor]:

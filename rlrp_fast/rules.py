@@ -192,7 +192,9 @@ class RlrpGate:
     """A product with a gate, ``z = s ⊙ g``: the signal takes all, as a linear step in ``s``
     with the gate as its (per-sample) weights: ``R̃_s = s ⊙ g ⊙ R`` (``norm="neuron"``: each
     output's single contribution relative to its absolute value, ``sign(s ⊙ g) ⊙ R``),
-    renormalised to ``‖R‖₁``; the gate gets nothing."""
+    renormalised to ``‖R‖₁``; the gate gets nothing. A matmul gate ``z = G s`` (attention
+    written out, ``G = P``): ``R̃_s = s ⊙ Gᵀ R`` (neuron: ``s ⊙ Gᵀ(R / |G||s|)``), as the
+    attention step's value mixing."""
 
     neuron: bool = False
     needs_output = False
@@ -200,12 +202,17 @@ class RlrpGate:
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)
         signal, gate = (t.to(r.value.dtype) for t in inputs)
-        product = signal * gate
-        if self.neuron:  # 0 where s ⊙ g = 0
-            c = torch.sign(product).mul_(r.value)
+        if step.kind == "matmul":
+            g = safe_ratio(r.value, step.apply(signal.abs(), gate.abs())) if self.neuron \
+                else r.value
+            r_tilde = signal * step.adjoint(gate, g)
         else:
-            c = product.mul_(r.value)
-        r_tilde = c.sum_to_size(signal.shape)
+            product = signal * gate
+            if self.neuron:  # 0 where s ⊙ g = 0
+                c = torch.sign(product).mul_(r.value)
+            else:
+                c = product.mul_(r.value)
+            r_tilde = c.sum_to_size(signal.shape)
         return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
 
 
@@ -535,6 +542,28 @@ class PassToSignal:
         return [Rel(r.value.sum_to_size(inputs[0].shape), r.mass)]
 
 
+@dataclass(frozen=True)
+class GateMatmulTerms:
+    """The classic rules at a matmul gate ``z = G s`` (attention written out; no signal
+    passes unchanged through a matmul): ε on the signal with the gate held constant,
+    ``R_s = s ⊙ Gᵀ(R / stab(z))``, as :class:`EpsilonAttention`'s value mixing."""
+
+    stabilizer: float
+    needs_output = True
+
+    def __call__(self, backend, step, r, inputs, z):
+        g = r.value / stabilize(z.to(r.value.dtype), self.stabilizer)
+        signal, gate = (t.to(g.dtype) for t in inputs)
+        return [Rel(signal * step.adjoint(gate, g))]
+
+
+def _pass_to_signal(step: Step, stabilizer: float):
+    """The base rule's propagator at a gate or normalisation layer."""
+    if isinstance(step, Gate) and step.kind == "matmul":
+        return GateMatmulTerms(stabilizer)
+    return PassToSignal()
+
+
 # -- zennit's rules ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NormTerms:
@@ -733,7 +762,7 @@ class RLRP(Rule):
             return RlrpAffine(weight, scale, neuron)
         if isinstance(step, Add):  # sums never take the neuron form (docs/RLRP_SPEC.md)
             # a constant added is a bias: the linear rule over the tensors, under every skip
-            linear = self.skip == "linear" or step.constants
+            linear = self.skip == "linear" or bool(step.bias_slots)
             return RlrpAddLinear() if linear else RlrpAddRatio()
         return RlrpFixedLinear(neuron)
 
@@ -752,7 +781,7 @@ class Norm(Rule):
         if isinstance(step, Affine):
             return EpsilonTerms(step.effective_weight(dtype), self.stabilizer)
         if isinstance(step, (Gate, Normalization)):  # the base rules' convention (zennit/LXT)
-            return PassToSignal()
+            return _pass_to_signal(step, self.stabilizer)
         if isinstance(step, Attention):  # LXT's: ε on the value path, P held constant
             return EpsilonAttention(self.stabilizer)
         if isinstance(step, WindowAttention):

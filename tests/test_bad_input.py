@@ -52,16 +52,16 @@ def test_unsupported_function():
         rlrp_fast.Explainer(Softmaxed().eval())
 
 
-def test_constant_add_refused():
+def test_a_shape_value_added_is_refused():
     class Shift(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.fc(x) + 1.0
+            return self.fc(x) + x.shape[1]
 
-    with pytest.raises(UnsupportedModelError, match="adding a constant"):
+    with pytest.raises(UnsupportedModelError, match="a sum with a shape value"):
         rlrp_fast.Explainer(Shift().eval())
 
 

@@ -210,6 +210,33 @@ def test_export_of_another_dtype_builds_its_own_weights():
     _close(got[1], want[1], 1e-12)
 
 
+class Copies(nn.Module):
+    """Copies of a batched signal (``expand`` of pooled features over new tokens, ``repeat``
+    of the tokens): the forward finds the batch dim of each copy from shapes alone."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4, classes)
+
+    def forward(self, x):
+        pooled = F.relu(self.conv(x)).mean((2, 3))               # (N, 6)
+        tokens = pooled.unsqueeze(1).expand(-1, 2, -1).repeat(1, 2, 1)  # (N, 4, 6)
+        return self.fc(tokens.flatten(1))
+
+
+def test_export_and_compile_of_copies_of_a_signal():
+    model, shape = Copies().eval(), (3, 5, 5)
+    em = rlrp_fast.ExplainedModel(model, example_input=_batch(shape, 2))
+    program = _export(em, _batch(shape, 3))
+    compiled = torch.compile(em, fullgraph=True)
+    for n in (2, 6):
+        x = _batch(shape, n, n)
+        want = em(x)
+        _close(program.module()(x)[1], want[1], 1e-5)
+        _close(compiled(x)[1], want[1], 1e-5)
+
+
 @pytest.mark.parametrize("name, top_k", [("digits", 3), ("resnet", 1)])
 def test_compile_fullgraph_equals_eager(name, top_k):
     model, shape = _model(name)

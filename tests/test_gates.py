@@ -120,3 +120,72 @@ def test_squeeze_excitation_families_explain(name):
                                atol=0)
     one = rlrp_fast.Explainer(model).explain(x[1:])  # batch independence
     torch.testing.assert_close(one.relevance, e.relevance[1:], rtol=1e-4, atol=1e-7)
+
+
+class SelectiveKernel(nn.Module):
+    """SK-Net's branch selection: a softmax over the branches (dim 1) weighs two conv
+    branches; and a token mixer ``x * x.softmax(-1)`` whose gate is computed from the signal
+    itself (a gate, not an activation)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(2, 4, 5, padding=2)
+        self.squeeze = nn.Linear(4, 8)
+        self.select = nn.Softmax(dim=1)
+        self.head = nn.Linear(4 * 6 * 5, 3)
+
+    def forward(self, x):
+        a, b = F.relu(self.a(x)), F.relu(self.b(x))
+        if self.how == "module":
+            w = self.select(self.squeeze((a + b).mean((2, 3))).view(-1, 2, 4))
+        elif self.how == "method":
+            w = self.squeeze((a + b).mean((2, 3))).view(-1, 2, 4).softmax(1)
+        else:
+            w = F.softmax(self.squeeze((a + b).mean((2, 3))).view(-1, 2, 4), dim=-2)
+        h = a * w[:, 0, :, None, None] + b * w[:, 1, :, None, None]
+        h = h * torch.softmax(h, dim=-1)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["module", "method", "function"])
+@pytest.mark.parametrize("rule,options", CASES, ids=[f"{r}{o}" for r, o in CASES])
+def test_softmax_gates_match_the_reference(how, rule, options):
+    torch.manual_seed(3)
+    model = SelectiveKernel(how).double().eval()
+    plan = capture(model)
+    assert sum(isinstance(s, Gate) for s in plan.steps) == 3
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    fast = rlrp_fast.Explainer(model, rule=rule, backend="torch", **options).explain(x)
+    ref, logits = reference_explain(plan, x, rule=rule, **options)
+    torch.testing.assert_close(fast.logits, model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.relevance, ref, rtol=1e-10, atol=1e-12)
+    if rule == "rlrp":
+        mass = logits.gather(1, fast.targets[:, None]).abs().view(-1)
+        torch.testing.assert_close(fast.relevance.abs().flatten(1).sum(1), mass, rtol=1e-10,
+                                   atol=0)
+    one = rlrp_fast.Explainer(model, rule=rule, backend="torch", **options).explain(x[1:])
+    torch.testing.assert_close(one.relevance, fast.relevance[1:], rtol=1e-10, atol=1e-14)
+
+
+class SoftmaxAsSignal(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "reshaped":  # a softmax read as a signal through a reshape
+            return self.out(torch.softmax(h.view(-1, 2, 3), -1).flatten(1))
+        if self.how == "batch":
+            return self.out(h * torch.softmax(h, 0))
+        return self.out(h * torch.softmax(h, -1, dtype=torch.float64).float())
+
+
+@pytest.mark.parametrize("how, match", [
+    ("reshaped", "its output is used as a signal"), ("batch", "other than the batch dim"),
+    ("dtype", "softmax with dtype")])
+def test_softmax_outside_a_gate_is_refused_by_name(how, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        rlrp_fast.Explainer(SoftmaxAsSignal(how).eval())
