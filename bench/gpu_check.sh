@@ -53,7 +53,8 @@ RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.affine_forward_abs --device cuda 
 # attention without the (L, S) matrix: the kernels' tests, then materialised vs torch's fused
 # backward vs Triton at ViT-B/16 and long-sequence shapes
 echo "== attention_relevance ($((SECONDS - start)) s)"
-RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 100 $PY -m pytest -q -x -p no:cacheprovider \
+# (timeout: ~80 kernel variants to compile — dtypes, strides, flags, block sizes)
+RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 180 $PY -m pytest -q -x -p no:cacheprovider \
   tests/test_attention_relevance.py 2>&1 | tail -8
 RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.attention_relevance --device cuda 2>&1 | tail -16
 

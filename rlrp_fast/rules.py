@@ -482,7 +482,8 @@ class RlrpWindowAttention(RlrpAttention):
     mask and V2's cosine scaling are all inside ``P``), value projection — each renormalised
     with one scalar per sample over all windows, heads and tokens; back to the map through
     the layout. Swin's padded tokens' values (their bias) take relevance at the mixing and
-    pass none on (their input is 0)."""
+    pass none on (their input is 0). ``P`` stays materialised here on every backend: windows
+    are short (49 tokens), so it is small."""
 
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)

@@ -9,7 +9,9 @@ tensors of the relevance dtype.
 Each primitive has one name everywhere: the backend method, the C++ op
 ``torch.ops.rlrp_fast.<name>`` (typed wrapper in ``rlrp_fast.ops``), the Triton entry point
 ``rlrp_fast.kernels.affine_relevance.<name>``, its test ``tests/test_<name>.py`` and its
-benchmark ``bench/<name>.py``.
+benchmark ``bench/<name>.py``. Attention's pair (``attention_mix``, ``attention_relevance``)
+shares one kernel module, test and benchmark, named after ``attention_relevance``; it has no
+C++ op (the cpp backend inherits the torch backend's).
 """
 from __future__ import annotations
 
