@@ -50,6 +50,14 @@ echo "== affine_forward_abs, batch 32 ($((SECONDS - start)) s)"
 RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.affine_forward_abs --device cuda --batches 32 \
   --reps 5 2>&1 | tail -32
 
+# attention without the (L, S) matrix: the kernels' tests, then materialised vs torch's fused
+# backward vs Triton at ViT-B/16 and long-sequence shapes
+echo "== attention_relevance ($((SECONDS - start)) s)"
+# (timeout: ~80 kernel variants to compile — dtypes, strides, flags, block sizes)
+RLRP_TRITON_AUTOTUNE=0 RLRP_FAST_NO_JIT=1 timeout 180 $PY -m pytest -q -x -p no:cacheprovider \
+  tests/test_attention_relevance.py 2>&1 | tail -8
+RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.attention_relevance --device cuda 2>&1 | tail -16
+
 methods="forward gxi rlrp-torch rlrp-triton neuron-triton"
 $PY -c "import zennit" 2>/dev/null && methods="$methods zennit-EpsilonPlus"
 for dtype in float32 bfloat16; do

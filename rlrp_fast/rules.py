@@ -397,18 +397,18 @@ def attention_forward(step: Attention, xv: torch.Tensor, xq: torch.Tensor, xk: t
     return out if step.batch_first else out.transpose(0, 1)
 
 
-def attention_probs(step: Attention, q: torch.Tensor, k: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``P = softmax(q kᵀ · scale + bias)`` ``(…, L, S)``, materialised (held constant)."""
-    scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
-    scores = (q @ k.transpose(-2, -1)) * scale
-    return torch.softmax(scores if bias is None else scores + bias, dim=-1)
-
-
 def _unit(t: torch.Tensor) -> torch.Tensor:
     """``t / ‖t‖₁`` per sample (0 for an all-zero sample): the next sub-step's relevance."""
     l1 = l1_per_sample(t)
     return t * per_sample(safe_ratio(torch.ones_like(l1), l1), t)
+
+
+def _attention_operands(step: Attention, inputs: Sequence[torch.Tensor], dtype: torch.dtype):
+    """``(q, k, v, bias)`` in the relevance's dtype; the bias as recorded (a broadcast view:
+    a cast would materialise it, and the scores' dtype wins the addition anyway)."""
+    xv, xq, xk, *bias = inputs
+    xv, xq, xk = (t.to(dtype) for t in (xv, xq, xk))
+    return (xv, *attention_qkv(step, xq, xk, xv), bias[0] if bias else None)
 
 
 @dataclass(frozen=True)
@@ -419,7 +419,9 @@ class RlrpAttention:
     the value projection ``R̃_x = x ⊙ (W_vᵀ R_V)``. ``norm="neuron"`` divides each by its own
     ``s = |W||a|`` (``s = P|V|`` for the mixing). ``scaled_dot_product_attention`` has the
     value mixing only. Query and key get nothing. Between the sub-steps the relevance is kept
-    at unit L1 per sample; the mass rides along."""
+    at unit L1 per sample; the mass rides along. ``P v``, ``P|v|`` and the mixing's relevance
+    with its L1 norm are the backend's ``attention_mix``/``attention_relevance`` (the
+    ``triton`` backend never materialises ``P``)."""
 
     neuron: bool = False
     needs_output = False
@@ -432,20 +434,21 @@ class RlrpAttention:
 
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)
-        dtype = r.value.dtype
-        xv, xq, xk, *bias = (t.to(dtype) for t in inputs)
-        q, k, v = attention_qkv(step, xq, xk, xv)
-        p = attention_probs(step, q, k, *bias)
+        xv, q, k, v, bias = _attention_operands(step, inputs, r.value.dtype)
+        o, o_abs, state = backend.attention_mix(q, k, v, bias, step.scale, self.neuron)
         g = r.value * per_sample(r.unit_scale(), r.value)
         if step.out_weight is not None:
-            g = split_heads(step, _unit(self._linear(g, merge_heads(step, p @ v),
+            g = split_heads(step, _unit(self._linear(g, merge_heads(step, o),
                                                      step.out_weight)))
         if self.neuron:
-            g = safe_ratio(g, p @ v.abs())
-        r_tilde = v * (p.transpose(-2, -1) @ g)
+            g = safe_ratio(g, o_abs)
+        r_tilde, l1 = backend.attention_relevance(q, k, v, g, bias, step.scale, state, True)
         if step.v_weight is not None:
-            r_tilde = self._linear(_unit(merge_heads(step, r_tilde)), xv, step.v_weight)
-        return _settle([Rel(r_tilde, r.mass, l1_per_sample(r_tilde))], plain)
+            merged = merge_heads(step, r_tilde)  # to unit L1 with the backend's norms
+            unit = merged * per_sample(safe_ratio(torch.ones_like(l1), l1), merged)
+            r_tilde = self._linear(unit, xv, step.v_weight)
+            l1 = l1_per_sample(r_tilde)
+        return _settle([Rel(r_tilde, r.mass, l1)], plain)
 
 
 @dataclass(frozen=True)
@@ -453,7 +456,8 @@ class EpsilonAttention:
     """The classic rules at attention (LXT's convention; zennit has none): LRP-ε on the value
     path with ``P`` held constant: ``R_o = o ⊙ W_oᵀ(R / stab(z))`` (``z`` the output, its bias
     included), ``R_V = V ⊙ Pᵀ(R_o / stab(P V))``, ``R_x = x ⊙ W_vᵀ(R_V / stab(V))``; query
-    and key get nothing."""
+    and key get nothing. ``P V`` and ``V ⊙ Pᵀ(·)`` are the backend's (as in
+    :class:`RlrpAttention`)."""
 
     epsilon: float
     needs_output = False
@@ -461,16 +465,15 @@ class EpsilonAttention:
     def __call__(self, backend, step, r, inputs, z):
         g = r.value
         dtype = g.dtype
-        xv, xq, xk, *bias = (t.to(dtype) for t in inputs)
-        q, k, v = attention_qkv(step, xq, xk, xv)
-        p = attention_probs(step, q, k, *bias)
-        pv = p @ v
+        xv, q, k, v, bias = _attention_operands(step, inputs, dtype)
+        pv, _, state = backend.attention_mix(q, k, v, bias, step.scale, False)
         if step.out_weight is not None:
             o = merge_heads(step, pv)
             w = step.out_weight.to(dtype)
             out = F.linear(o, w, None if step.out_bias is None else step.out_bias.to(dtype))
             g = split_heads(step, o * ((g / stabilize(out, self.epsilon)) @ w))
-        r_v = v * (p.transpose(-2, -1) @ (g / stabilize(pv, self.epsilon)))
+        r_v, _ = backend.attention_relevance(q, k, v, g / stabilize(pv, self.epsilon), bias,
+                                             step.scale, state, False)
         if step.v_weight is None:
             return [Rel(r_v)]
         r_v, v = merge_heads(step, r_v), merge_heads(step, v)
@@ -486,7 +489,8 @@ class RlrpWindowAttention(RlrpAttention):
     mask and V2's cosine scaling are all inside ``P``), value projection — each renormalised
     with one scalar per sample over all windows, heads and tokens; back to the map through
     the layout. Swin's padded tokens' values (their bias) take relevance at the mixing and
-    pass none on (their input is 0)."""
+    pass none on (their input is 0). ``P`` stays materialised here on every backend: windows
+    are short (49 tokens), so it is small."""
 
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)

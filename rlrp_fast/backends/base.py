@@ -9,7 +9,9 @@ tensors of the relevance dtype.
 Each primitive has one name everywhere: the backend method, the C++ op
 ``torch.ops.rlrp_fast.<name>`` (typed wrapper in ``rlrp_fast.ops``), the Triton entry point
 ``rlrp_fast.kernels.affine_relevance.<name>``, its test ``tests/test_<name>.py`` and its
-benchmark ``bench/<name>.py``.
+benchmark ``bench/<name>.py``. Attention's pair (``attention_mix``, ``attention_relevance``)
+shares one kernel module, test and benchmark, named after ``attention_relevance``; it has no
+C++ op (the cpp backend inherits the torch backend's).
 """
 from __future__ import annotations
 
@@ -56,6 +58,27 @@ class Backend(ABC):
         a folded BatchNorm's per-channel factor or None; ``abs_weight()`` returns the cached
         ``|σ ⊙ W|`` for backends that need it as a tensor (ATen has no ``abs`` on load), so
         a backend that takes ``abs`` on load never makes that copy."""
+
+    @abstractmethod
+    def attention_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      bias: torch.Tensor | None, scale: float | None, abs_v: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(P v, P |v| or None, state)`` with ``P = softmax(q kᵀ · scale + bias)`` over the
+        keys (``q`` ``[N, …, L, d]``, ``k`` ``[N, …, S, d]``, ``v`` ``[N, …, S, e]``, any
+        strides; ``bias`` an additive float mask broadcastable to ``[N, …, L, S]``, may hold
+        -inf; ``scale`` None is ``1/√d``). ``state`` is what :meth:`attention_relevance`
+        needs for the same ``P`` (``P`` itself, or the rows' log-sum-exp for a backend that
+        never materialises it): hand it back unchanged."""
+
+    @abstractmethod
+    def attention_relevance(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            g: torch.Tensor, bias: torch.Tensor | None, scale: float | None,
+                            state: torch.Tensor, compute_l1: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(R̃_V, ‖R̃_V‖₁ per sample or None)`` with ``R̃_V = v ⊙ (Pᵀ g)``: the value
+        mixing's relevance (``Pᵀ g`` is attention's ``dV``), ``P`` that of the
+        :meth:`attention_mix` call that returned ``state`` (same ``q, k, v, bias, scale``);
+        ``g`` has ``P v``'s shape."""
 
     @abstractmethod
     def pool_forward(self, step: Pool, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ Always available, on any device; the baseline every other backend must beat.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,15 @@ def pool_forward(step: Pool, x: torch.Tensor) -> torch.Tensor:
     extra = {} if step.dims == 1 else {"divisor_override": p["divisor_override"]}
     return _AVG_POOL[step.dims](x, p["kernel_size"], p["stride"], p["padding"],
                                 p["ceil_mode"], p["count_include_pad"], **extra)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
+                    scale: float | None) -> torch.Tensor:
+    """``P = softmax(q kᵀ · scale + bias)`` ``(…, L, S)``, materialised (``scale`` None:
+    ``1/√d``, torch's). A row whose scores are all -inf is NaN (torch.softmax)."""
+    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale
+    return torch.softmax(scores if bias is None else scores + bias, dim=-1)
 
 
 def _output_padding(step: Affine, input_shape: torch.Size, g: torch.Tensor) -> list[int]:
@@ -79,6 +90,14 @@ class TorchBackend(Backend):
 
     def affine_abs(self, step, a, weight, scale, abs_weight):
         return affine_forward(step, abs_weight(), None, a.abs().to(weight.dtype))
+
+    def attention_mix(self, q, k, v, bias, scale, abs_v):
+        p = attention_probs(q, k, bias, scale)
+        return p @ v, (p @ v.abs() if abs_v else None), p
+
+    def attention_relevance(self, q, k, v, g, bias, scale, state, compute_l1):
+        r = v * (state.transpose(-2, -1) @ g)
+        return r, (l1_per_sample(r) if compute_l1 else None)
 
     def pool_forward(self, step: Pool, x):
         return pool_forward(step, x)

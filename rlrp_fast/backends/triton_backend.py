@@ -1,7 +1,8 @@
 """The ``triton`` backend: fused Triton kernels (``rlrp_fast.kernels.affine_relevance``) for
 Linear, Conv1d and Conv2d, one launch per contraction with the prologue (``g / stab(z)``) and
-epilogue (``a``, per-sample scale, per-sample L1) fused. Everything else — Conv3d, float64,
-pools, forward passes — is the ``torch`` backend's.
+epilogue (``a``, per-sample scale, per-sample L1) fused; attention's value mixing and its
+relevance without the attention matrix (``rlrp_fast.kernels.attention_relevance``). Everything
+else — Conv3d, float64, pools, forward passes — is the ``torch`` backend's.
 
 Runs on CUDA tensors, and on CPU tensors through Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before the kernels were imported (for tests). Importing this
@@ -44,6 +45,11 @@ def _kernels():
     return affine_relevance
 
 
+def _attention():
+    from ..kernels import attention_relevance  # imports triton
+    return attention_relevance
+
+
 class TritonBackend(TorchBackend):
     name = "triton"
 
@@ -68,3 +74,18 @@ class TritonBackend(TorchBackend):
         _, s = _forward_abs().affine_forward_abs(a, weight, scale=scale, store_z=False,
                                                  **geometry)
         return s
+
+    # Attention: flash-style kernels, no (L, S) matrix; ``state`` is the rows' log-sum-exp.
+    # Both methods fall back on the same test, so a fallback's ``P`` returns to torch.
+    def attention_mix(self, q, k, v, bias, scale, abs_v):
+        kernels = _attention()
+        if kernels.unsupported(q, k, v, bias) is not None:
+            return super().attention_mix(q, k, v, bias, scale, abs_v)
+        return kernels.attention_mix(q, k, v, bias, scale, abs_v)
+
+    def attention_relevance(self, q, k, v, g, bias, scale, state, compute_l1):
+        kernels = _attention()
+        if kernels.unsupported(q, k, v, bias) is not None:
+            return super().attention_relevance(q, k, v, g, bias, scale, state, compute_l1)
+        return kernels.attention_relevance(q, k, v, g, state, bias, scale,
+                                           compute_l1=compute_l1)
