@@ -20,9 +20,8 @@ Strides are arguments: ``q``/``k``/``v`` are usually transposed views ``[N, H, L
 padded to powers of two (masked). ``q``/``k``/``v``/``bias`` may be float32, bfloat16 or
 float16 (upcast on load, fp32 accumulation); ``g`` and every result are float32.
 
-A query row whose scores are all -inf (fully masked) gets NaN — ``o``, and through the
-relevance every key of its (batch, head) — exactly where ``torch.softmax`` of the
-materialised scores (the ``torch`` backend) puts NaN.
+A query row whose scores are all -inf (fully masked) attends to nothing: its ``P`` row is 0, so
+``o`` is 0 there (as torch's attention computes it) and it sends no relevance to any key.
 """
 from __future__ import annotations
 
@@ -94,13 +93,15 @@ def _attention_mix_kernel(
             acc_abs = tl.dot(p, tl.abs(v), acc_abs * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
-    # a fully masked row: l_i = 0, so o = 0/0 = NaN and lse = -inf (as torch.softmax: NaN)
+    # a fully masked row: l_i = 0 and acc = 0; divide by 1 (o = 0, torch's) and keep
+    # lse = -inf, which the adjoint reads as "P row 0"
     out_offs = (n * stride_on + h * stride_oh + offs_m[:, None] * stride_ol
                 + offs_e[None, :] * stride_oe)
     mask = mask_m[:, None] & mask_e[None, :]
-    tl.store(o_ptr + out_offs, acc / l_i[:, None], mask=mask)
+    denominator = tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + out_offs, acc / denominator, mask=mask)
     if ABS_V:
-        tl.store(o_abs_ptr + out_offs, acc_abs / l_i[:, None], mask=mask)
+        tl.store(o_abs_ptr + out_offs, acc_abs / denominator, mask=mask)
     tl.store(lse_ptr + bh.to(tl.int64) * L + offs_m, m_i + tl.log(l_i), mask=mask_m)
 
 
@@ -148,9 +149,10 @@ def _attention_relevance_kernel(
             s_t += tl.load(bias_cols + offs_m[None, :] * stride_bl,
                            mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
         lse = tl.load(lse_row + offs_m, mask=mask_m, other=0.0)
-        # where, not a 0 on load: a fully masked row's exp(-inf + inf) is NaN and must stay
-        # (torch's materialised softmax gives NaN there); padded lanes must not be NaN
-        p_t = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp(s_t - lse[None, :]), 0.0)
+        # where, not a 0 on load: padded lanes and fully masked rows (lse = -inf, where
+        # exp(-inf + inf) would be NaN) are 0
+        live = mask_n[:, None] & (mask_m & (lse != float("-inf")))[None, :]
+        p_t = tl.where(live, tl.exp(s_t - lse[None, :]), 0.0)
         g = tl.load(g_base + offs_m[:, None] * stride_gl + offs_e[None, :] * stride_ge,
                     mask=mask_m[:, None] & mask_e[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(p_t, g, acc, input_precision=PRECISION)

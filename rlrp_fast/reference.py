@@ -1109,8 +1109,11 @@ def _attention(step: Attention, xv, xq, xk, masks=()):
                    project(xv, step.v_weight, step.v_bias))
     scale = step.scale if step.scale is not None else 1 / math.sqrt(q.shape[-1])
     scores = _blocked(step, masks, torch.einsum("...ld,...sd->...ls", q, k) * scale)
-    e = torch.exp(scores - scores.amax(-1, keepdim=True))
-    p = e / e.sum(-1, keepdim=True)
+    peak = scores.amax(-1, keepdim=True)
+    blocked = peak == float("-inf")  # every key masked: the row attends to nothing (torch's)
+    e = torch.exp(scores - torch.where(blocked, 0.0, peak))
+    total = e.sum(-1, keepdim=True)
+    p = e / torch.where(blocked, 1.0, total)
     o = torch.einsum("...ls,...sd->...ld", p, v)
     if step.v_weight is None:
         return v, p, o, o

@@ -35,10 +35,17 @@ def pool_forward(step: Pool, x: torch.Tensor) -> torch.Tensor:
 def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
                     scale: float | None) -> torch.Tensor:
     """``P = softmax(q kᵀ · scale + bias)`` ``(…, L, S)``, materialised (``scale`` None:
-    ``1/√d``, torch's). A row whose scores are all -inf is NaN (torch.softmax)."""
+    ``1/√d``, torch's). A row whose scores are all -inf (every key masked) is 0: it attends
+    to nothing, as torch's attention computes it (its output row is 0; torch.softmax alone
+    would give NaN)."""
     scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale
-    return torch.softmax(scores if bias is None else scores + bias, dim=-1)
+    if bias is not None:
+        scores = scores + bias
+    p = torch.softmax(scores, dim=-1)
+    if bias is None:
+        return p
+    return p.masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0)
 
 
 def _output_padding(step: Affine, input_shape: torch.Size, g: torch.Tensor) -> list[int]:
