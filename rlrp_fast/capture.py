@@ -42,7 +42,8 @@ SUPPORTED_OPS = (
     "repeat; torch.roll, F.pad (constant mode), ZeroPad1d/2d/3d, ConstantPad1d/2d/3d; "
     "Identity, Dropout (eval); tensor + tensor and tensor + parameter/buffer/number (a position "
     "embedding; operator +, +=, torch.add, Tensor.add); tensor - parameter/buffer/number (input "
-    "normalisation; operator -, -=, torch.sub, Tensor.sub); torch.cat (also of a parameter: a class "
+    "normalisation), tensor - tensor and parameter/buffer/number - tensor (a sum with weight -1; "
+    "operator -, -=, torch.sub, Tensor.sub); torch.cat (also of a parameter: a class "
     "token); chunk, split, unbind, tensor_split and indexing by ints and slices (x[:, 0]); "
     "nn.MultiheadAttention (batch first or not, packed or separate in-projections, attn_mask, "
     "key_padding_mask, is_causal; no bias_k/bias_v, no add_zero_attn) and "
@@ -381,6 +382,8 @@ class _Builder:
             if node in written_at:
                 self.on_written_layer_norm(node, written_at[node])
                 continue
+            if self.fold(node):
+                continue
             handler = getattr(self, f"on_{node.op}")
             handler(node)
             mutated = _mutated_operand(node, self.gm)
@@ -397,6 +400,30 @@ class _Builder:
         return Plan(steps=tuple(self.steps), input_slot=self.input_slot,
                     output_slot=self.output_slot, num_slots=self.num_slots,
                     slot_nodes=tuple(slot_nodes))
+
+    def fold(self, node: fx.Node) -> bool:
+        """A call whose inputs are all parameters or buffers (or folded from them) and whose
+        result is a tensor is a constant: computed here, once, and from then on read like a
+        parameter (``table[index.view(-1)].view(...)``, ``cat((q_bias, zeros, v_bias))``,
+        ``softmax(alphas)``). Like every constant it takes no relevance. In-place calls and
+        calls that read the input's shape are left to their handlers."""
+        if node.op not in ("call_function", "call_method") or \
+                _mutated_operand(node, self.gm) is not None:
+            return False
+        inputs = node.all_input_nodes
+        if not inputs or not all(n in self.constants for n in inputs):
+            return False
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.constants.__getitem__)
+        with torch.no_grad():
+            if node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            else:
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        parts = value if isinstance(value, (tuple, list)) else (value,)
+        if not parts or not all(isinstance(t, torch.Tensor) for t in parts):
+            return False  # a shape or a number: a meta value, handled as such
+        self.constants[node] = value
+        return True
 
     def on_mutation(self, node: fx.Node, target: fx.Node) -> None:
         """``node`` overwrote ``target`` in place: later readers of ``target`` (and of every
@@ -687,24 +714,27 @@ class _Builder:
         self.emit(node, Add, inputs, constants=tuple(s for s, const in slots if const))
 
     def on_sub(self, node: fx.Node) -> None:
-        """``x − c`` with ``c`` a parameter, buffer (or a constant derived from one) or a
-        number: a bias, as ``x + (−c)``. A signal subtracted is refused: ``x − y`` and
-        ``c − x`` would need a sum with a negative weight, which no rule defines."""
+        """``a − b``: a sum whose subtrahend has weight −1 (``x − y``; ``c − x`` with a
+        constant ``c``, its bias). A parameter, buffer or number subtracted from a signal is a
+        bias (``x − mean``; a number folds its sign)."""
         self.check_alpha(node, "sub")
         if len(node.args) != 2:
             raise _unsupported(node, self.describe(node), "subtraction needs two operands")
         minuend, subtrahend = node.args
         if _is_number(subtrahend):  # the sign folded into the number
             subtrahend = -subtrahend
-        (signal, signal_const), (slot, const) = (self.term(node, a)
-                                                  for a in (minuend, subtrahend))
-        if signal_const or not const:
-            raise _unsupported(node, self.describe(node), "subtracting a signal (x − y, c − x): "
-                               "only a parameter, buffer or number may be subtracted")
-        if _is_number(subtrahend):
-            self.emit(node, Add, (signal,), constants=(slot,))
+        (left, left_const), (right, right_const) = (self.term(node, a)
+                                                    for a in (minuend, subtrahend))
+        if left_const and right_const:
+            raise _unsupported(node, self.describe(node), "a difference of constants only")
+        if left_const:  # c − x
+            self.emit(node, Add, (right,), constants=(left,), negated=(0,))
+        elif not right_const:  # x − y
+            self.emit(node, Add, (left, right), negated=(1,))
+        elif _is_number(subtrahend):
+            self.emit(node, Add, (left,), constants=(right,))
         else:
-            self.emit(node, Add, (signal,), subtracted=(slot,))
+            self.emit(node, Add, (left,), subtracted=(right,))
 
     def on_timm_attention_mask(self, node: fx.Node) -> None:
         """timm's written-out attention builds its additive mask in a function fx does not

@@ -68,8 +68,9 @@ def _forward_step(step: Step, args: list, weights: dict[int, tuple], index: int,
     if isinstance(step, Activation):
         return fn(args[0])
     if isinstance(step, Add):  # (constants: appended to args by the caller)
-        out = args[0]
-        for other in args[1:]:
+        terms = step.signed(args[:len(step.inputs)]) + args[len(step.inputs):]
+        out = terms[0]
+        for other in terms[1:]:
             out = out + other
         return out
     if isinstance(step, Attention):

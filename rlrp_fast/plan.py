@@ -297,13 +297,20 @@ class Add(Step):
     """``z = Σ inputs + Σ constants``, with torch's broadcasting: an input of a smaller shape
     (a per-channel ``(N, C, 1, 1)`` term, a spatial mean kept as ``(N, C, 1, 1)``) is read
     by every output element it broadcasts to, so its relevance is the sum over those
-    (the sum is a linear map with unit weights). ``constants`` are the slots of
+    (the sum is a linear map with unit weights; ``negated`` lists the inputs it subtracts,
+    by position, whose weights are −1: ``x − y``, ``c − x``). ``constants`` are the slots of
     :class:`Constant` values (a position embedding, broadcast; a number) added in the forward
     but given no relevance: they act as a bias (docs/RLRP_SPEC.md, "Constants take nothing");
     ``subtracted`` the constants subtracted (``x − mean``), a bias too."""
 
     constants: tuple[int, ...] = ()
     subtracted: tuple[int, ...] = ()
+    negated: tuple[int, ...] = ()
+
+    def signed(self, inputs: list) -> list:
+        """The inputs as the sum's terms (the negated ones negated): each input's
+        contribution to ``z``. ``x + (−y)`` is ``x − y`` exactly in floating point."""
+        return [-u if i in self.negated else u for i, u in enumerate(inputs)]
 
     @property
     def bias_slots(self) -> tuple[int, ...]:

@@ -359,18 +359,18 @@ def _scale_op(step: Scale, in_shape: tuple[int, ...]) -> _LinearOp:
     return _LinearOp(matrix=torch.diag(s), bias=t, out_shape=in_shape, in_shapes=[in_shape])
 
 
-def _add_op(shapes: list[tuple[int, ...]]) -> _LinearOp:
+def _add_op(shapes: list[tuple[int, ...]], negated: tuple[int, ...] = ()) -> _LinearOp:
     """``y = u + v + …`` (per-sample shapes that broadcast) as the linear map with unit
-    weights on the concatenated operands: output element ``k`` reads, of each operand, the
-    element it broadcasts to ``k``."""
+    weights on the concatenated operands (−1 for the operands at ``negated``: ``u − v``):
+    output element ``k`` reads, of each operand, the element it broadcasts to ``k``."""
     out_shape = tuple(torch.broadcast_shapes(*shapes))
     size = math.prod(out_shape)
     blocks = []
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
         aligned = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
         source = torch.arange(math.prod(shape)).view(aligned).expand(out_shape).reshape(-1)
         block = torch.zeros(size, math.prod(shape), dtype=DTYPE)
-        block[torch.arange(size), source] = 1.0
+        block[torch.arange(size), source] = -1.0 if i in negated else 1.0
         blocks.append(block)
     return _LinearOp(matrix=torch.cat(blocks, dim=1), bias=torch.zeros(size, dtype=DTYPE),
                      out_shape=out_shape, in_shapes=list(shapes))
@@ -497,7 +497,7 @@ def _forward_step(k, step, values, fw):
         elif isinstance(step, Scale):
             op = _scale_op(step, shapes[0])
         else:
-            op = _add_op(shapes)
+            op = _add_op(shapes, step.negated)
         a_flat = torch.cat([a.reshape(n, -1) for a in args], dim=1)
         z_flat = _apply(op, a_flat)
         if isinstance(step, Add) and step.bias_slots:  # a bias, per sample (broadcast)

@@ -161,7 +161,8 @@ class RlrpAddLinear:
 
     def __call__(self, backend, step, r, inputs, z):
         r, plain = _carry(r)
-        parts = [(u.to(r.value.dtype) * r.value).sum_to_size(u.shape) for u in inputs]
+        parts = [(u.to(r.value.dtype) * r.value).sum_to_size(u.shape)
+                 for u in step.signed(inputs)]
         return _settle(share_mass(parts, r.mass), plain)
 
 
@@ -173,7 +174,7 @@ class RlrpAddRatio:
     needs_output = False
 
     def __call__(self, backend, step, r, inputs, z):
-        ups = [u.to(r.value.dtype) for u in inputs]
+        ups = [u.to(r.value.dtype) for u in step.signed(inputs)]
         y = sum(ups)
         nonzero = y != 0
         share = torch.where(nonzero, r.value / torch.where(nonzero, y, torch.ones_like(y)),
@@ -579,7 +580,7 @@ class NormTerms:
     def __call__(self, backend, step, r, inputs, z):
         g = r.value / stabilize(z.to(r.value.dtype), self.stabilizer)
         if isinstance(step, Add):
-            return [Rel((u.to(g.dtype) * g).sum_to_size(u.shape)) for u in inputs]
+            return [Rel((u.to(g.dtype) * g).sum_to_size(u.shape)) for u in step.signed(inputs)]
         return [Rel(_fixed_linear_back(backend, step, g, inputs[0]))]
 
 
