@@ -104,16 +104,14 @@ Tensor pointwise_transpose(const Tensor& g, const Tensor& weight) {
   return buf;
 }
 
-// W^T g for a Linear or the adjoint of ConvNd, with shape out_shape, laid out in fmt.
-Tensor transpose_apply(const Tensor& g, const Tensor& weight, at::IntArrayRef out_shape,
-                       at::MemoryFormat fmt, const Geometry& geo) {
-  if (geo.conv_dims == 0) {
-    return g.dim() == 2 ? at::mm(g, weight) : at::matmul(g, weight);  // (..., out)(out, in)
-  }
-  // The transposed convolution with the output_padding that recovers the input's size.
-  // (convolution_backward's grad_input computes the same without that bookkeeping, but
-  // measured 0-3% slower end to end on VGG16/ResNet50 here.) Its output takes g's layout, so
-  // g goes to the wanted layout first (a no-op unless a and g disagree).
+// The transposed convolution's output_padding that recovers the input size out_shape from g;
+// rejects a g that no input of that shape yields.
+std::vector<int64_t> output_padding_of(const Tensor& g, const Tensor& weight,
+                                       at::IntArrayRef out_shape, const Geometry& geo) {
+  TORCH_CHECK(g.dim() == geo.conv_dims + 2 && g.size(0) == out_shape[0] &&
+                  g.size(1) == weight.size(0),
+              "rlrp_fast: relevance of shape ", g.sizes(), " cannot come from an input of ",
+              "shape ", out_shape, " with weight ", weight.sizes());
   std::vector<int64_t> output_padding(geo.conv_dims);
   for (int64_t i = 0; i < geo.conv_dims; ++i) {
     const int64_t covered = (g.size(2 + i) - 1) * geo.stride[i] - 2 * geo.padding[i] +
@@ -124,6 +122,20 @@ Tensor transpose_apply(const Tensor& g, const Tensor& weight, at::IntArrayRef ou
                 "rlrp_fast: relevance of shape ", g.sizes(), " cannot come from an input of ",
                 "shape ", out_shape, " with this geometry");
   }
+  return output_padding;
+}
+
+// W^T g for a Linear or the adjoint of ConvNd, with shape out_shape, laid out in fmt.
+Tensor transpose_apply(const Tensor& g, const Tensor& weight, at::IntArrayRef out_shape,
+                       at::MemoryFormat fmt, const Geometry& geo) {
+  if (geo.conv_dims == 0) {
+    return g.dim() == 2 ? at::mm(g, weight) : at::matmul(g, weight);  // (..., out)(out, in)
+  }
+  // The transposed convolution with the output_padding that recovers the input's size.
+  // (convolution_backward's grad_input computes the same without that bookkeeping, but
+  // measured 0-3% slower end to end on VGG16/ResNet50 here.) Its output takes g's layout, so
+  // g goes to the wanted layout first (a no-op unless a and g disagree).
+  const std::vector<int64_t> output_padding = output_padding_of(g, weight, out_shape, geo);
   Tensor gf = flat_in(g, fmt) ? g : g.contiguous(fmt);
   return at::convolution(gf, weight, std::nullopt, geo.stride, geo.padding, geo.dilation,
                          /*transposed=*/true, output_padding, geo.groups);
@@ -254,6 +266,199 @@ void divide_stabilized(T* q, const T* g, const Z* z, double eps, int64_t numel) 
   });
 }
 
+// -- depthwise convolutions ------------------------------------------------------------------
+
+// One input channel a group (groups == C_in), C_out = mult * C_in: ATen's CPU transposed
+// convolution takes a slow generic path for these (a GEMM of one row per group), while the
+// adjoint is a small stencil per channel. It is computed directly here, the epilogue fused.
+bool is_depthwise(const Tensor& weight, at::IntArrayRef out_shape, const Geometry& geo) {
+  return geo.conv_dims > 0 && geo.groups > 1 && geo.groups == out_shape[1] &&
+         weight.size(1) == 1;
+}
+
+// The geometry padded to 3 spatial dims (size 1, kernel 1, stride 1, padding 0 in front).
+struct Grid3 {
+  int64_t in[3] = {1, 1, 1}, out[3] = {1, 1, 1}, k[3] = {1, 1, 1};
+  int64_t st[3] = {1, 1, 1}, pad[3] = {0, 0, 0}, dil[3] = {1, 1, 1};
+
+  Grid3(const Tensor& g, const Tensor& weight, at::IntArrayRef out_shape, const Geometry& geo) {
+    const int64_t off = 3 - geo.conv_dims;
+    for (int64_t i = 0; i < geo.conv_dims; ++i) {
+      in[off + i] = out_shape[2 + i];
+      out[off + i] = g.size(2 + i);
+      k[off + i] = weight.size(2 + i);
+      st[off + i] = geo.stride[i];
+      pad[off + i] = geo.padding[i];
+      dil[off + i] = geo.dilation[i];
+    }
+  }
+  int64_t in_plane() const { return in[0] * in[1] * in[2]; }
+  int64_t out_plane() const { return out[0] * out[1] * out[2]; }
+  int64_t taps() const { return k[0] * k[1] * k[2]; }
+
+  // The output indices [lo, hi) whose tap kk of dim d lands inside the input:
+  // 0 <= o * st + kk * dil - pad < in.
+  void range(int d, int64_t kk, int64_t* lo, int64_t* hi) const {
+    const int64_t shift = kk * dil[d] - pad[d];
+    const int64_t first = shift >= 0 ? 0 : (-shift + st[d] - 1) / st[d];
+    const int64_t last = in[d] - 1 - shift;  // o * st <= last
+    *lo = first;
+    *hi = last < 0 ? 0 : std::min(out[d], last / st[d] + 1);
+  }
+
+  // Per input coordinate of dim d: the (tap, output index) pairs that read it.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> readers(int d) const {
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> r(in[d]);
+    for (int64_t x = 0; x < in[d]; ++x) {
+      for (int64_t kk = 0; kk < k[d]; ++kk) {
+        const int64_t p = x + pad[d] - kk * dil[d];
+        if (p >= 0 && p % st[d] == 0 && p / st[d] < out[d]) r[x].emplace_back(kk, p / st[d]);
+      }
+    }
+    return r;
+  }
+};
+
+// NCHW: one (n, c) plane at a time, W^T g scattered tap by tap into the output plane (its
+// rows stay in cache), then the epilogue over the plane; l1 partial sums per plane.
+template <typename T, typename A>
+void depthwise_planes(T* out, const T* g, const T* w, const A* a, const T* scale,
+                      int64_t n_samples, int64_t channels, int64_t mult, const Grid3& grid,
+                      double* l1) {
+  const int64_t plane = grid.in_plane(), out_plane = grid.out_plane(), taps = grid.taps();
+  const int64_t n_planes = n_samples * channels;
+  std::vector<double> partial(n_planes, 0.0);
+  const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(1, plane));
+  at::parallel_for(0, n_planes, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t pl = p0; pl < p1; ++pl) {
+      const int64_t n = pl / channels, c = pl % channels;
+      T* o = out + pl * plane;
+      std::fill(o, o + plane, T(0));
+      for (int64_t j = 0; j < mult; ++j) {
+        const int64_t co = c * mult + j;
+        const T* gp = g + (n * channels * mult + co) * out_plane;
+        const T* wp = w + co * taps;
+        for (int64_t k0 = 0; k0 < grid.k[0]; ++k0) {
+          int64_t lo0, hi0;
+          grid.range(0, k0, &lo0, &hi0);
+          for (int64_t k1 = 0; k1 < grid.k[1]; ++k1) {
+            int64_t lo1, hi1;
+            grid.range(1, k1, &lo1, &hi1);
+            for (int64_t k2 = 0; k2 < grid.k[2]; ++k2) {
+              int64_t lo2, hi2;
+              grid.range(2, k2, &lo2, &hi2);
+              const T wv = wp[(k0 * grid.k[1] + k1) * grid.k[2] + k2];
+              const int64_t sx = grid.st[2];
+              for (int64_t o0 = lo0; o0 < hi0; ++o0) {
+                const int64_t i0 = o0 * grid.st[0] + k0 * grid.dil[0] - grid.pad[0];
+                for (int64_t o1 = lo1; o1 < hi1; ++o1) {
+                  const int64_t i1 = o1 * grid.st[1] + k1 * grid.dil[1] - grid.pad[1];
+                  // input index of output lo2 under this tap (>= 0 by the range)
+                  T* __restrict__ dst = o + (i0 * grid.in[1] + i1) * grid.in[2] +
+                                        lo2 * sx + k2 * grid.dil[2] - grid.pad[2];
+                  const T* __restrict__ src = gp + (o0 * grid.out[1] + o1) * grid.out[2] + lo2;
+                  const int64_t len = hi2 - lo2;
+                  if (sx == 1) {
+                    for (int64_t i = 0; i < len; ++i) dst[i] += wv * src[i];
+                  } else {
+                    for (int64_t i = 0; i < len; ++i) dst[i * sx] += wv * src[i];
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      partial[pl] = scale_abs_sum<T, A>(o, a ? a + pl * plane : nullptr,
+                                        scale ? scale[n] : T(1), plane, l1 != nullptr);
+    }
+  });
+  if (l1) finish_l1(partial, n_samples, channels, l1);
+}
+
+// Channels-last: one input row (n, i0, i1) at a time, each position gathering its taps as
+// C-long vectors (w_t is [taps, C_out]), then the epilogue over the row; l1 partial sums
+// per row.
+template <typename T, typename A>
+void depthwise_rows(T* out, const T* g, const T* w_t, const A* a, const T* scale,
+                    int64_t n_samples, int64_t channels, int64_t mult, const Grid3& grid,
+                    double* l1) {
+  const auto readers0 = grid.readers(0), readers1 = grid.readers(1), readers2 = grid.readers(2);
+  const int64_t rows_per_sample = grid.in[0] * grid.in[1];
+  const int64_t row_len = grid.in[2] * channels, c_out = channels * mult;
+  const int64_t n_rows = n_samples * rows_per_sample;
+  std::vector<double> partial(n_rows, 0.0);
+  const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(1, row_len));
+  at::parallel_for(0, n_rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t n = row / rows_per_sample, i0 = (row / grid.in[1]) % grid.in[0],
+                    i1 = row % grid.in[1];
+      T* orow = out + row * row_len;
+      std::fill(orow, orow + row_len, T(0));
+      for (int64_t i2 = 0; i2 < grid.in[2]; ++i2) {
+        T* __restrict__ o = orow + i2 * channels;
+        for (const auto& [k0, o0] : readers0[i0]) {
+          for (const auto& [k1, o1] : readers1[i1]) {
+            for (const auto& [k2, o2] : readers2[i2]) {
+              const T* __restrict__ gq =
+                  g + (((n * grid.out[0] + o0) * grid.out[1] + o1) * grid.out[2] + o2) * c_out;
+              const T* __restrict__ wq = w_t + ((k0 * grid.k[1] + k1) * grid.k[2] + k2) * c_out;
+              if (mult == 1) {
+                for (int64_t c = 0; c < channels; ++c) o[c] += gq[c] * wq[c];
+              } else {
+                for (int64_t c = 0; c < channels; ++c) {
+                  T sum = T(0);
+                  for (int64_t j = 0; j < mult; ++j) sum += gq[c * mult + j] * wq[c * mult + j];
+                  o[c] += sum;
+                }
+              }
+            }
+          }
+        }
+      }
+      partial[row] = scale_abs_sum<T, A>(orow, a ? a + row * row_len : nullptr,
+                                         scale ? scale[n] : T(1), row_len, l1 != nullptr);
+    }
+  });
+  if (l1) finish_l1(partial, n_samples, rows_per_sample, l1);
+}
+
+// The whole depthwise contraction: scale ⊙ a ⊙ W^T g into a fresh tensor of out_shape laid
+// out in fmt, per-sample L1 into *l1_acc (double) when it is defined.
+Tensor depthwise_contract(const Tensor& g, const Tensor& weight, const Tensor& a,
+                          const Tensor& scale, Tensor* l1_acc, at::IntArrayRef out_shape,
+                          at::MemoryFormat fmt, const Geometry& geo) {
+  output_padding_of(g, weight, out_shape, geo);
+  const Grid3 grid(g, weight, out_shape, geo);
+  const int64_t n = out_shape[0], channels = out_shape[1], mult = weight.size(0) / channels;
+  const bool channels_last = fmt != at::MemoryFormat::Contiguous;
+  Tensor gc = g.contiguous(fmt);
+  // channels-last gathers C-long weight vectors per tap: [taps, C_out]
+  Tensor wc = channels_last ? weight.reshape({weight.size(0), -1}).t().contiguous()
+                            : weight.contiguous();
+  Tensor t = at::empty(out_shape, g.options().memory_format(fmt));
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rlrp_depthwise", [&] {
+    using T = scalar_t;
+    const T* sp = scale.defined() ? scale.const_data_ptr<T>() : nullptr;
+    double* lp = l1_acc ? l1_acc->data_ptr<double>() : nullptr;
+    auto run = [&](auto* ap) {
+      using A = std::remove_const_t<std::remove_pointer_t<decltype(ap)>>;
+      (channels_last ? &depthwise_rows<T, A> : &depthwise_planes<T, A>)(
+          t.data_ptr<T>(), gc.const_data_ptr<T>(), wc.const_data_ptr<T>(), ap, sp, n, channels,
+          mult, grid, lp);
+    };
+    if (!a.defined()) {
+      run(static_cast<const T*>(nullptr));
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(),
+                                      "rlrp_depthwise_a", [&] {
+        run(a.const_data_ptr<scalar_t>());
+      });
+    }
+  });
+  return t;
+}
+
 // The whole contraction: W^T g, then the epilogue (times a, times scale[n], per-sample L1
 // into *l1 when l1 is not null), returned with out_shape laid out in fmt. a and scale may be
 // undefined; a defined a must be dense in fmt.
@@ -262,6 +467,14 @@ Tensor contract(const Tensor& g, const Tensor& weight, const Tensor& a, const Te
                 const Geometry& geo) {
   check_geometry(weight, out_shape, geo);
   const int64_t n = out_shape[0];
+  Tensor l1_acc;
+  if (l1) l1_acc = at::empty({n}, g.options().dtype(at::kDouble));
+  if (is_depthwise(weight, out_shape, geo)) {
+    Tensor t = depthwise_contract(g, weight, a, scale, l1 ? &l1_acc : nullptr, out_shape, fmt,
+                                  geo);
+    if (l1) *l1 = l1_acc.to(g.scalar_type());
+    return t;
+  }
   const bool pointwise = is_pointwise(weight, geo, fmt);
   const bool scatter = pointwise && !is_unit_grid(geo);
   Tensor t, buf;
@@ -274,8 +487,6 @@ Tensor contract(const Tensor& g, const Tensor& weight, const Tensor& a, const Te
                 " but the layer's input has ", out_shape);
     if (!flat_in(t, fmt)) t = t.contiguous(fmt);
   }
-  Tensor l1_acc;
-  if (l1) l1_acc = at::empty({n}, g.options().dtype(at::kDouble));
   if (!scatter && !a.defined() && !scale.defined() && !l1) return t;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rlrp_contract", [&] {
     using T = scalar_t;
