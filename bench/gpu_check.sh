@@ -42,7 +42,15 @@ echo "correctness exit: ${PIPESTATUS[0]}"
 # line is printed as it is done, so a timeout keeps the finished ones.
 for primitive in affine_relevance affine_relevance_l1; do
   echo "== $primitive, batch 32 ($((SECONDS - start)) s)"
-  RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.$primitive --device cuda --batch 32 2>&1 | tail -14
+  RLRP_TRITON_AUTOTUNE=0 timeout 45 $PY -m bench.$primitive --device cuda --batch 32 \
+    --suite classic 2>&1 | tail -14
+done
+# depthwise and grouped layers (EfficientNet-B0, MobileNetV3-L, ConvNeXt-T, RegNetY-800MF):
+# the narrow-group kernel, NCHW and channels-last
+for run in "affine_relevance" "affine_relevance_l1" "affine_relevance_l1 --channels-last"; do
+  echo "== $run, grouped layers, batch 32 ($((SECONDS - start)) s)"
+  RLRP_TRITON_AUTOTUNE=0 timeout 40 $PY -m bench.$run --device cuda --batch 32 \
+    --suite grouped 2>&1 | tail -18
 done
 
 # norm="neuron"'s z and |W||a|: two cuDNN calls vs one packed call vs the fused Triton kernel

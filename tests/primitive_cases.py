@@ -223,6 +223,9 @@ CASES = [
     Case(2, 2, 20, 10, (7, 6), 3, 1, 1, 1, 10),        # 2 in, 1 out per group
     Case(2, 1, 32, 32, (6, 5), 3, 1, 1, 1, 2),         # 16-wide groups: the GEMM kernel
     Case(3, 2, 4, 8, (5, 6, 7), 3, 2, 1, 1, 4),        # depthwise Conv3d, multiplier 2
+    # planes over 1024 values: the C++ direct adjoint's plane-by-plane path (NCHW)
+    Case(2, 2, 3, 6, (37, 33), 3, 2, 1, 1, 3),         # multiplier 2, stride 2
+    Case(1, 2, 3, 3, (1100,), 5, 3, 2, 2, 3),          # Conv1d, stride 3, dilation 2
 ]
 CASE_IDS = [str(c) for c in CASES]
 # one of each kind, for the dtype, layout and opcheck tests
