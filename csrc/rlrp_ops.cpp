@@ -5,6 +5,8 @@
 // everything around it -- the division by the stabilised z before, the multiplication by the
 // activation, the per-sample scale and the per-sample L1 norm after -- is done in a single
 // parallel pass over memory instead of the three or four separate passes plain PyTorch needs.
+// Two exceptions where ATen's contraction is slow: 1x1 convolutions (a GEMM per sample) and
+// large NCHW depthwise convolutions (a direct stencil per plane, the epilogue fused in).
 
 #include <Python.h>
 
@@ -15,7 +17,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -269,21 +270,32 @@ void divide_stabilized(T* q, const T* g, const Z* z, double eps, int64_t numel) 
 
 // -- depthwise convolutions ------------------------------------------------------------------
 
-// One input channel a group (groups == C_in), C_out = mult * C_in: ATen's CPU transposed
-// convolution takes a slow generic path for these (a GEMM of one row per group), while the
-// adjoint is a small stencil per channel. It is computed directly here, the epilogue fused.
+// One input channel a group (groups == C_in), C_out = mult * C_in. ATen's transposed
+// convolution (oneDNN here) is fast on these at small sizes but slows down sharply on large
+// ones: on 112x112 planes at batch 8 (EfficientNet-B0's and MobileNetV3-Large's first depthwise
+// layers) a direct per-plane adjoint with the epilogue fused takes 0.6-0.85x its time, and
+// on everything smaller 1.5-3x (bench/RESULTS.md, "Depthwise convolutions"). Channel-vector
+// variants (channels-last, NCHW channel blocks) measured 1-2x slower than ATen everywhere
+// and were dropped. So the direct path takes NCHW only, above both sizes below.
+
 // Largest kernel extent per dim the direct path takes (its tap lists live on the stack).
 constexpr int64_t kMaxKernel = 64;
+// The smallest input plane and the smallest result (elements) the direct path takes.
+constexpr int64_t kDirectMinPlane = 64 * 64;
+constexpr int64_t kDirectMinNumel = int64_t{3} << 20;
 
-bool is_depthwise(const Tensor& weight, at::IntArrayRef out_shape, const Geometry& geo) {
+bool takes_direct_depthwise(const Tensor& weight, at::IntArrayRef out_shape,
+                            at::MemoryFormat fmt, const Geometry& geo) {
   if (geo.conv_dims == 0 || geo.groups == 1 || geo.groups != out_shape[1] ||
-      weight.size(1) != 1) {
+      weight.size(1) != 1 || fmt != at::MemoryFormat::Contiguous) {
     return false;
   }
+  int64_t plane = 1;
   for (int64_t i = 0; i < geo.conv_dims; ++i) {
     if (weight.size(2 + i) > kMaxKernel) return false;
+    plane *= out_shape[2 + i];
   }
-  return true;
+  return plane >= kDirectMinPlane && plane * out_shape[0] * out_shape[1] >= kDirectMinNumel;
 }
 
 // The geometry padded to 3 spatial dims (size 1, kernel 1, stride 1, padding 0 in front).
@@ -306,33 +318,24 @@ struct Grid3 {
   int64_t out_plane() const { return out[0] * out[1] * out[2]; }
   int64_t taps() const { return k[0] * k[1] * k[2]; }
 
-  // The output indices [lo, hi) whose tap kk of dim d lands inside the input:
-  // 0 <= o * st + kk * dil - pad < in.
-  void range(int d, int64_t kk, int64_t* lo, int64_t* hi) const {
-    const int64_t shift = kk * dil[d] - pad[d];
-    const int64_t first = shift >= 0 ? 0 : (-shift + st[d] - 1) / st[d];
-    const int64_t last = in[d] - 1 - shift;  // o * st <= last
-    *lo = first;
-    *hi = last < 0 ? 0 : std::min(out[d], last / st[d] + 1);
-  }
-
-  // Per input coordinate of dim d: the (tap, output index) pairs that read it.
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> readers(int d) const {
-    std::vector<std::vector<std::pair<int64_t, int64_t>>> r(in[d]);
-    for (int64_t x = 0; x < in[d]; ++x) {
-      for (int64_t kk = 0; kk < k[d]; ++kk) {
-        const int64_t p = x + pad[d] - kk * dil[d];
-        if (p >= 0 && p % st[d] == 0 && p / st[d] < out[d]) r[x].emplace_back(kk, p / st[d]);
+  // The taps of dim d that phase ph reads: input position ph + m * st takes tap k from
+  // output position m + off (floor division: off may be negative). Returns their count.
+  int64_t phase_taps(int d, int64_t ph, int64_t* taps, int64_t* off) const {
+    int64_t n = 0;
+    for (int64_t kk = 0; kk < k[d]; ++kk) {
+      const int64_t r = ph + pad[d] - kk * dil[d];
+      if (((r % st[d]) + st[d]) % st[d] == 0) {
+        taps[n] = kk;
+        off[n++] = r >= 0 ? r / st[d] : -((-r + st[d] - 1) / st[d]);
       }
     }
-    return r;
+    return n;
   }
 };
 
-// The extension is built for the baseline x86-64 ISA (one portable binary), but the depthwise
-// stencils below are nothing but multiply-adds: GCC builds them for AVX-512 and AVX2 too and
-// picks one when the library loads (an ifunc). On the functions holding the hot loops
-// themselves: a clone's callees get the baseline ISA unless inlined.
+// The extension is built for the baseline x86-64 ISA (one portable binary), but the plane
+// stencil below is nothing but multiply-adds: GCC also builds it for AVX2 and AVX-512 and
+// picks one when the library loads (an ifunc).
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
     defined(__linux__)
 #define RLRP_ISA_CLONES \
@@ -340,23 +343,6 @@ struct Grid3 {
 #else
 #define RLRP_ISA_CLONES
 #endif
-
-using Readers = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
-
-// The taps of dim d that phase ph reads: input position ph + m * stride takes tap k from
-// output position m + off (floor division: off may be negative). Returns their count.
-inline int64_t phase_taps(const Grid3& grid, int d, int64_t ph, int64_t* taps, int64_t* off) {
-  int64_t n = 0;
-  const int64_t st = grid.st[d];
-  for (int64_t k = 0; k < grid.k[d]; ++k) {
-    const int64_t r = ph + grid.pad[d] - k * grid.dil[d];
-    if (((r % st) + st) % st == 0) {
-      taps[n] = k;
-      off[n++] = r >= 0 ? r / st : -((-r + st - 1) / st);
-    }
-  }
-  return n;
-}
 
 // One NCHW plane (n, c) of W^T g, then the epilogue over the plane; returns its sum |.| when
 // want_sum. Input positions of one phase (i = ph + m * stride, per dim) read the same taps at
@@ -371,11 +357,11 @@ RLRP_ISA_CLONES double depthwise_plane(T* __restrict__ o, const T* g, const T* w
   int64_t tap0[kMaxKernel], off0[kMaxKernel], tap1[kMaxKernel], off1[kMaxKernel];
   int64_t tap2[kMaxKernel], off2[kMaxKernel];
   for (int64_t ph0 = 0; ph0 < std::min(grid.st[0], grid.in[0]); ++ph0) {
-    const int64_t n0 = phase_taps(grid, 0, ph0, tap0, off0);
+    const int64_t n0 = grid.phase_taps(0, ph0, tap0, off0);
     for (int64_t ph1 = 0; ph1 < std::min(grid.st[1], grid.in[1]); ++ph1) {
-      const int64_t n1 = phase_taps(grid, 1, ph1, tap1, off1);
+      const int64_t n1 = grid.phase_taps(1, ph1, tap1, off1);
       for (int64_t ph2 = 0; ph2 < std::min(grid.st[2], grid.in[2]); ++ph2) {
-        const int64_t n2 = phase_taps(grid, 2, ph2, tap2, off2);
+        const int64_t n2 = grid.phase_taps(2, ph2, tap2, off2);
         const int64_t count2 = (grid.in[2] - ph2 + grid.st[2] - 1) / grid.st[2];
         for (int64_t i0 = ph0, m0 = 0; i0 < grid.in[0]; i0 += grid.st[0], ++m0) {
           for (int64_t i1 = ph1, m1 = 0; i1 < grid.in[1]; i1 += grid.st[1], ++m1) {
@@ -414,330 +400,39 @@ RLRP_ISA_CLONES double depthwise_plane(T* __restrict__ o, const T* g, const T* w
   return scale_abs_sum<T, A>(o, a, s, grid.in_plane(), want_sum);
 }
 
-// o[p * ld + c] += sum over the taps reading input position p = (i0, i1, i2) and j < mult of
-// g[q * ld_g + c * mult + j] * w_t[tap * ld_g + c * mult + j], q the output position the tap
-// reads: the channels of one position as a vector (channels-last rows, NCHW channel blocks).
-template <typename T>
-RLRP_ISA_CLONES void gather_position(T* __restrict__ o, const T* __restrict__ g, const T* __restrict__ w_t,
-                            int64_t channels, int64_t mult, int64_t ld_g, const Grid3& grid,
-                            const Readers* readers, int64_t i0, int64_t i1, int64_t i2) {
-  for (const auto& [k0, o0] : readers[0][i0]) {
-    for (const auto& [k1, o1] : readers[1][i1]) {
-      for (const auto& [k2, o2] : readers[2][i2]) {
-        const T* __restrict__ gq = g + ((o0 * grid.out[1] + o1) * grid.out[2] + o2) * ld_g;
-        const T* __restrict__ wq = w_t + ((k0 * grid.k[1] + k1) * grid.k[2] + k2) * ld_g;
-        if (mult == 1) {
-          for (int64_t c = 0; c < channels; ++c) o[c] += gq[c] * wq[c];
-        } else {
-          for (int64_t c = 0; c < channels; ++c) {
-            T sum = T(0);
-            for (int64_t j = 0; j < mult; ++j) sum += gq[c * mult + j] * wq[c * mult + j];
-            o[c] += sum;
-          }
-        }
-      }
-    }
-  }
-}
-
-// Channels of one stencil vector (an AVX-512 register of floats).
-constexpr int64_t kLanes = 16;
-
-// Positions of a register tile in the gather below (kTile x kLanes accumulators).
-constexpr int64_t kTile = 4;
-
-#if defined(__GNUC__)
-// kLanes values as one vector value (GCC/Clang vector extensions): the tile's sums then stay
-// in registers (as arrays, GCC keeps them on the stack).
-template <typename T>
-struct LaneVec {
-  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
-};
-template <typename T>
-__attribute__((always_inline)) inline typename LaneVec<T>::type load_lanes(const T* p) {
-  typename LaneVec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-#define RLRP_LANE_VECTORS 1
-#endif
-// Most (tap row, output row) pairs one input row reads: 7x7x7 kernels fit.
-constexpr int64_t kMaxRowPairs = 512;
-
-// Channel multiplier 1, `lanes` (<= kLanes) channels of one sample, channel-minor: writes
-// input row (i0, i1) of W^T g to o (o[p * ldo + c], input position p; g[q * ldg + c], output
-// position q; w_t[tap * ldw + c]). Positions of one phase (i2 = ph + m * stride) read the
-// same taps at consecutive output positions, so interior runs of them are computed kTile at
-// a time with the sums in registers and each weight vector loaded once for the tile; border
-// positions test each tap. kFull: lanes == kLanes, known to the compiler.
-template <typename T, bool kFull>
-RLRP_ISA_CLONES void gather_row_lanes(T* __restrict__ o, int64_t ldo, const T* __restrict__ g,
-                             int64_t ldg, const T* __restrict__ w_t, int64_t ldw,
-                             int64_t lanes, const Grid3& grid, const Readers* readers,
-                             int64_t i0, int64_t i1) {
-  const int64_t nl = kFull ? kLanes : lanes;
-  // the (output row, tap row) pairs that read this input row
-  const T* g_rows[kMaxRowPairs];
-  const T* w_rows[kMaxRowPairs];
-  int64_t n_rows = 0;
-  for (const auto& [k0, o0] : readers[0][i0]) {
-    for (const auto& [k1, o1] : readers[1][i1]) {
-      g_rows[n_rows] = g + (o0 * grid.out[1] + o1) * grid.out[2] * ldg;
-      w_rows[n_rows] = w_t + (k0 * grid.k[1] + k1) * grid.k[2] * ldw;
-      ++n_rows;
-    }
-  }
-  const int64_t s2 = grid.st[2], width = grid.in[2], out_w = grid.out[2];
-  for (int64_t ph = 0; ph < std::min(s2, width); ++ph) {
-    // this phase's taps: k2 reads output m + off[t] at input position ph + m * s2
-    int64_t taps[kMaxKernel], off[kMaxKernel];
-    const int64_t n_taps = phase_taps(grid, 2, ph, taps, off);
-    const int64_t count = (width - ph + s2 - 1) / s2;  // positions of this phase
-    int64_t lo = 0, hi = count;  // where every tap reads inside the output row
-    for (int64_t t = 0; t < n_taps; ++t) {
-      lo = std::max(lo, -off[t]);
-      hi = std::min(hi, out_w - off[t]);
-    }
-    auto one = [&](int64_t m) {
-      T acc[kLanes] = {};
-      for (int64_t r = 0; r < n_rows; ++r) {
-        for (int64_t t = 0; t < n_taps; ++t) {
-          const int64_t q = m + off[t];
-          if (q < 0 || q >= out_w) continue;
-          const T* __restrict__ gq = g_rows[r] + q * ldg;
-          const T* __restrict__ wq = w_rows[r] + taps[t] * ldw;
-          for (int64_t c = 0; c < nl; ++c) acc[c] += gq[c] * wq[c];
-        }
-      }
-      T* __restrict__ op = o + (ph + m * s2) * ldo;
-      for (int64_t c = 0; c < nl; ++c) op[c] = acc[c];
-    };
-    if (lo >= hi) {
-      for (int64_t m = 0; m < count; ++m) one(m);
-      continue;
-    }
-    for (int64_t m = 0; m < lo; ++m) one(m);
-    int64_t m = lo;
-#ifdef RLRP_LANE_VECTORS
-    if (kFull) {
-      using V = typename LaneVec<T>::type;
-      static_assert(kTile == 4, "the vector tile below holds 4 positions");
-      for (; m + kTile <= hi; m += kTile) {
-        V acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-        for (int64_t r = 0; r < n_rows; ++r) {
-          for (int64_t t = 0; t < n_taps; ++t) {
-            const T* gq = g_rows[r] + (m + off[t]) * ldg;
-            const V w = load_lanes(w_rows[r] + taps[t] * ldw);
-            acc0 += load_lanes(gq) * w;
-            acc1 += load_lanes(gq + ldg) * w;
-            acc2 += load_lanes(gq + 2 * ldg) * w;
-            acc3 += load_lanes(gq + 3 * ldg) * w;
-          }
-        }
-        T* op = o + (ph + m * s2) * ldo;
-        std::memcpy(op, &acc0, sizeof(V));
-        std::memcpy(op + s2 * ldo, &acc1, sizeof(V));
-        std::memcpy(op + 2 * s2 * ldo, &acc2, sizeof(V));
-        std::memcpy(op + 3 * s2 * ldo, &acc3, sizeof(V));
-      }
-    }
-#endif
-    for (; m + kTile <= hi; m += kTile) {
-      T acc[kTile][kLanes] = {};
-      for (int64_t r = 0; r < n_rows; ++r) {
-        for (int64_t t = 0; t < n_taps; ++t) {
-          const T* __restrict__ gq = g_rows[r] + (m + off[t]) * ldg;
-          const T* __restrict__ wq = w_rows[r] + taps[t] * ldw;
-          for (int64_t u = 0; u < kTile; ++u) {
-            for (int64_t c = 0; c < nl; ++c) acc[u][c] += gq[u * ldg + c] * wq[c];
-          }
-        }
-      }
-      for (int64_t u = 0; u < kTile; ++u) {
-        T* __restrict__ op = o + (ph + (m + u) * s2) * ldo;
-        for (int64_t c = 0; c < nl; ++c) op[c] = acc[u][c];
-      }
-    }
-    for (; m < count; ++m) one(m);
-  }
-}
-
-// W^T g for `lanes` channels of one sample, channel-minor (as above), any multiplier: the
-// register-tiled gather for multiplier 1, else position by position.
-template <typename T>
-inline void stencil_channel_minor(T* o, int64_t ldo, const T* g, int64_t ldg, const T* w_t,
-                                  int64_t ldw, int64_t lanes, int64_t mult, const Grid3& grid,
-                                  const Readers* readers) {
-  if (mult == 1 && grid.k[0] * grid.k[1] <= kMaxRowPairs) {
-    for (int64_t i0 = 0; i0 < grid.in[0]; ++i0) {
-      for (int64_t i1 = 0; i1 < grid.in[1]; ++i1) {
-        T* row = o + (i0 * grid.in[1] + i1) * grid.in[2] * ldo;
-        if (lanes == kLanes) {
-          gather_row_lanes<T, true>(row, ldo, g, ldg, w_t, ldw, lanes, grid, readers, i0, i1);
-        } else {
-          gather_row_lanes<T, false>(row, ldo, g, ldg, w_t, ldw, lanes, grid, readers, i0, i1);
-        }
-      }
-    }
-    return;
-  }
-  for (int64_t p = 0; p < grid.in_plane(); ++p) std::fill(o + p * ldo, o + p * ldo + lanes, T(0));
-  for (int64_t i0 = 0, p = 0; i0 < grid.in[0]; ++i0) {
-    for (int64_t i1 = 0; i1 < grid.in[1]; ++i1) {
-      for (int64_t i2 = 0; i2 < grid.in[2]; ++i2, ++p) {
-        gather_position<T>(o + p * ldo, g, w_t, lanes, mult, ldg, grid, readers, i0, i1, i2);
-      }
-    }
-  }
-}
-
-// NCHW channels [c0, c0 + cb) of one sample, on a grid small enough for the block to stay in
-// cache: the block's g and weights are transposed into channel-minor scratch (the planes'
-// rows are too short to vectorise), the stencil runs on vectors of channels, and the result
-// is transposed back with the epilogue; sums[c] gets plane c's sum |.|. g, w and a point at
-// the block's first plane / taps.
-template <typename T, typename A>
-RLRP_ISA_CLONES void depthwise_channel_block(T* __restrict__ out, const T* g, const T* w,
-                                             const A* a, T s, int64_t cb, int64_t mult,
-                                             const Grid3& grid, const Readers* readers,
-                                             T* gbuf, T* wbuf, T* obuf, double* sums,
-                                             bool want_sum) {
-  const int64_t plane = grid.in_plane(), out_plane = grid.out_plane(), taps = grid.taps();
-  const int64_t ld = cb * mult;
-  for (int64_t co = 0; co < ld; ++co) {
-    for (int64_t q = 0; q < out_plane; ++q) gbuf[q * ld + co] = g[co * out_plane + q];
-    for (int64_t k = 0; k < taps; ++k) wbuf[k * ld + co] = w[co * taps + k];
-  }
-  stencil_channel_minor<T>(obuf, cb, gbuf, ld, wbuf, ld, cb, mult, grid, readers);
-  for (int64_t c = 0; c < cb; ++c) {
-    T* o = out + c * plane;
-    for (int64_t p = 0; p < plane; ++p) o[p] = obuf[p * cb + c];
-    sums[c] = scale_abs_sum<T, A>(o, a ? a + c * plane : nullptr, s, plane, want_sum);
-  }
-}
-
-// Channels-last channels [c0, c0 + lanes) of one sample: the stencil straight into the
-// output (o, a at the sample's channel c0, g at the sample's first output channel of c0),
-// then the epilogue over those channels; returns their sum |.| when want_sum.
-template <typename T, typename A>
-RLRP_ISA_CLONES double depthwise_channels_last(T* o, const T* g, const T* w_t, const A* a,
-                                               T s, int64_t channels, int64_t lanes,
-                                               int64_t mult, const Grid3& grid,
-                                               const Readers* readers, bool want_sum) {
-  const int64_t plane = grid.in_plane();
-  stencil_channel_minor<T>(o, channels, g, channels * mult, w_t, channels * mult, lanes, mult,
-                           grid, readers);
-  // the epilogue: lane partial sums in T over chunks of positions, then to double
-  constexpr int64_t kChunk = 256;
-  double sum = 0;
-  for (int64_t p0 = 0; p0 < plane; p0 += kChunk) {
-    T acc[kLanes] = {};
-    for (int64_t p = p0; p < std::min(plane, p0 + kChunk); ++p) {
-      T* __restrict__ op = o + p * channels;
-      const A* ap = a ? a + p * channels : nullptr;
-      for (int64_t c = 0; c < lanes; ++c) {
-        const T v = ap ? op[c] * static_cast<T>(ap[c]) * s : op[c] * s;
-        op[c] = v;
-        acc[c] += std::abs(v);
-      }
-    }
-    if (want_sum) {
-      for (int64_t c = 0; c < lanes; ++c) sum += static_cast<double>(acc[c]);
-    }
-  }
-  return sum;
-}
-
-// Channels per NCHW block, and the largest grid that takes blocks rather than planes.
-constexpr int64_t kChannelBlock = kLanes;
-constexpr int64_t kBlockedPlaneMax = 1024;
-
-// NCHW: every (n, c) plane, in parallel; l1 partial sums per plane (deterministic).
-template <typename T, typename A>
-void depthwise_planes(T* out, const T* g, const T* w, const A* a, const T* scale,
-                      int64_t n_samples, int64_t channels, int64_t mult, const Grid3& grid,
-                      double* l1) {
-  const int64_t plane = grid.in_plane(), out_plane = grid.out_plane(), taps = grid.taps();
-  std::vector<double> partial(n_samples * channels, 0.0);
-  if (std::max(plane, out_plane) > kBlockedPlaneMax) {
-    const int64_t grain = std::max<int64_t>(1, kBlock / plane);
-    at::parallel_for(0, n_samples * channels, grain, [&](int64_t p0, int64_t p1) {
-      std::vector<T> acc(grid.in[2]);
-      for (int64_t pl = p0; pl < p1; ++pl) {
-        const int64_t n = pl / channels, c = pl % channels;
-        partial[pl] = depthwise_plane<T, A>(
-            out + pl * plane, g + (n * channels + c) * mult * out_plane, w + c * mult * taps,
-            a ? a + pl * plane : nullptr, scale ? scale[n] : T(1), mult, grid, acc.data(),
-            l1 != nullptr);
-      }
-    });
-  } else {
-    const Readers readers[3] = {grid.readers(0), grid.readers(1), grid.readers(2)};
-    const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
-    const int64_t grain = std::max<int64_t>(1, kBlock / (plane * kChannelBlock));
-    at::parallel_for(0, n_samples * blocks, grain, [&](int64_t b0, int64_t b1) {
-      const int64_t ld = kChannelBlock * mult;
-      std::vector<T> gbuf(out_plane * ld), wbuf(taps * ld), obuf(plane * kChannelBlock);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n = b / blocks, c0 = (b % blocks) * kChannelBlock;
-        const int64_t cb = std::min(kChannelBlock, channels - c0), pl = n * channels + c0;
-        depthwise_channel_block<T, A>(
-            out + pl * plane, g + (n * channels + c0) * mult * out_plane, w + c0 * mult * taps,
-            a ? a + pl * plane : nullptr, scale ? scale[n] : T(1), cb, mult, grid, readers,
-            gbuf.data(), wbuf.data(), obuf.data(), partial.data() + pl, l1 != nullptr);
-      }
-    });
-  }
-  if (l1) finish_l1(partial, n_samples, channels, l1);
-}
-
-// Channels-last: every (sample, block of kLanes channels), in parallel; l1 partial sums per
-// block (deterministic).
-template <typename T, typename A>
-void depthwise_rows(T* out, const T* g, const T* w_t, const A* a, const T* scale,
-                    int64_t n_samples, int64_t channels, int64_t mult, const Grid3& grid,
-                    double* l1) {
-  const Readers readers[3] = {grid.readers(0), grid.readers(1), grid.readers(2)};
-  const int64_t sample = grid.in_plane() * channels;
-  const int64_t g_sample = grid.out_plane() * channels * mult;
-  const int64_t blocks = (channels + kLanes - 1) / kLanes;
-  std::vector<double> partial(n_samples * blocks, 0.0);
-  const int64_t grain = std::max<int64_t>(1, kBlock / (grid.in_plane() * kLanes));
-  at::parallel_for(0, n_samples * blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / blocks, c0 = (b % blocks) * kLanes;
-      partial[b] = depthwise_channels_last<T, A>(
-          out + n * sample + c0, g + n * g_sample + c0 * mult, w_t + c0 * mult,
-          a ? a + n * sample + c0 : nullptr, scale ? scale[n] : T(1), channels,
-          std::min(kLanes, channels - c0), mult, grid, readers, l1 != nullptr);
-    }
-  });
-  if (l1) finish_l1(partial, n_samples, blocks, l1);
-}
-
-// The whole depthwise contraction: scale ⊙ a ⊙ W^T g into a fresh tensor of out_shape laid
-// out in fmt, per-sample L1 into *l1_acc (double) when it is defined.
+// The whole depthwise contraction on NCHW tensors: scale ⊙ a ⊙ W^T g into a fresh tensor of
+// out_shape, every (n, c) plane in parallel, per-sample L1 into *l1_acc (double) when given,
+// from partial sums per plane (deterministic).
 Tensor depthwise_contract(const Tensor& g, const Tensor& weight, const Tensor& a,
                           const Tensor& scale, Tensor* l1_acc, at::IntArrayRef out_shape,
-                          at::MemoryFormat fmt, const Geometry& geo) {
+                          const Geometry& geo) {
   output_padding_of(g, weight, out_shape, geo);
   const Grid3 grid(g, weight, out_shape, geo);
   const int64_t n = out_shape[0], channels = out_shape[1], mult = weight.size(0) / channels;
-  const bool channels_last = fmt != at::MemoryFormat::Contiguous;
-  Tensor gc = g.contiguous(fmt);
-  // channels-last gathers C-long weight vectors per tap: [taps, C_out]
-  Tensor wc = channels_last ? weight.reshape({weight.size(0), -1}).t().contiguous()
-                            : weight.contiguous();
-  Tensor t = at::empty(out_shape, g.options().memory_format(fmt));
+  const int64_t plane = grid.in_plane(), out_plane = grid.out_plane(), taps = grid.taps();
+  Tensor gc = g.contiguous(), wc = weight.contiguous();
+  Tensor t = at::empty(out_shape, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rlrp_depthwise", [&] {
     using T = scalar_t;
+    T* out = t.data_ptr<T>();
+    const T* gp = gc.const_data_ptr<T>();
+    const T* wp = wc.const_data_ptr<T>();
     const T* sp = scale.defined() ? scale.const_data_ptr<T>() : nullptr;
-    double* lp = l1_acc ? l1_acc->data_ptr<double>() : nullptr;
     auto run = [&](auto* ap) {
       using A = std::remove_const_t<std::remove_pointer_t<decltype(ap)>>;
-      (channels_last ? &depthwise_rows<T, A> : &depthwise_planes<T, A>)(
-          t.data_ptr<T>(), gc.const_data_ptr<T>(), wc.const_data_ptr<T>(), ap, sp, n, channels,
-          mult, grid, lp);
+      std::vector<double> partial(n * channels, 0.0);
+      const int64_t grain = std::max<int64_t>(1, kBlock / plane);
+      at::parallel_for(0, n * channels, grain, [&](int64_t p0, int64_t p1) {
+        std::vector<T> acc(grid.in[2]);
+        for (int64_t pl = p0; pl < p1; ++pl) {
+          const int64_t s = pl / channels, c = pl % channels;
+          partial[pl] = depthwise_plane<T, A>(
+              out + pl * plane, gp + (s * channels + c) * mult * out_plane,
+              wp + c * mult * taps, ap ? ap + pl * plane : nullptr, sp ? sp[s] : T(1), mult,
+              grid, acc.data(), l1_acc != nullptr);
+        }
+      });
+      if (l1_acc) finish_l1(partial, n, channels, l1_acc->data_ptr<double>());
     };
     if (!a.defined()) {
       run(static_cast<const T*>(nullptr));
@@ -761,9 +456,8 @@ Tensor contract(const Tensor& g, const Tensor& weight, const Tensor& a, const Te
   const int64_t n = out_shape[0];
   Tensor l1_acc;
   if (l1) l1_acc = at::empty({n}, g.options().dtype(at::kDouble));
-  if (is_depthwise(weight, out_shape, geo)) {
-    Tensor t = depthwise_contract(g, weight, a, scale, l1 ? &l1_acc : nullptr, out_shape, fmt,
-                                  geo);
+  if (takes_direct_depthwise(weight, out_shape, fmt, geo)) {
+    Tensor t = depthwise_contract(g, weight, a, scale, l1 ? &l1_acc : nullptr, out_shape, geo);
     if (l1) *l1 = l1_acc.to(g.scalar_type());
     return t;
   }

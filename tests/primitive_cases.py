@@ -223,9 +223,8 @@ CASES = [
     Case(2, 2, 20, 10, (7, 6), 3, 1, 1, 1, 10),        # 2 in, 1 out per group
     Case(2, 1, 32, 32, (6, 5), 3, 1, 1, 1, 2),         # 16-wide groups: the GEMM kernel
     Case(3, 2, 4, 8, (5, 6, 7), 3, 2, 1, 1, 4),        # depthwise Conv3d, multiplier 2
-    # planes over 1024 values: the C++ direct adjoint's plane-by-plane path (NCHW)
-    Case(2, 2, 3, 6, (37, 33), 3, 2, 1, 1, 3),         # multiplier 2, stride 2
-    Case(1, 2, 3, 3, (1100,), 5, 3, 2, 2, 3),          # Conv1d, stride 3, dilation 2
+    Case(2, 2, 3, 6, (37, 33), 3, 2, 1, 1, 3),         # depthwise, many position tiles
+    Case(1, 2, 3, 3, (1100,), 5, 3, 2, 2, 3),          # depthwise Conv1d, long, dilated
 ]
 CASE_IDS = [str(c) for c in CASES]
 # one of each kind, for the dtype, layout and opcheck tests
@@ -233,3 +232,12 @@ LINEAR_2D, LINEAR_3D, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED, CONV3D = (
     CASES[1], CASES[2], CASES[4], CASES[8], CASES[11], CASES[17])
 DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D = CASES[23], CASES[19], CASES[26]
 NARROW_GROUPED, WIDE_GROUPED = CASES[24], CASES[25]
+# Depthwise layers big enough (NCHW, planes >= 64², >= 3·2²⁰ values) for the C++ op's direct
+# adjoint; smaller ones go through ATen. cpp only (the interpreter would take minutes).
+DIRECT_DEPTHWISE = [
+    Case(2, 1, 3, 6, (1031, 1029), 3, 2, 1, 1, 3),     # multiplier 2, stride 2
+    Case(2, 2, 24, 24, (263, 257), 5, 1, 4, 2, 24),    # dilated, padding beyond the taps
+    Case(2, 2, 24, 24, (256, 256), (3, 5), (1, 2), (1, 2), 1, 24),  # per-dim, rows of stride 2
+    Case(1, 3, 2, 6, (524_301,), 7, 3, 3, 1, 2),       # Conv1d, multiplier 3, stride 3
+    Case(3, 1, 4, 4, (120, 110, 60), 3, 2, 1, 1, 4),   # Conv3d
+]
