@@ -5,8 +5,6 @@
 // everything around it -- the division by the stabilised z before, the multiplication by the
 // activation, the per-sample scale and the per-sample L1 norm after -- is done in a single
 // parallel pass over memory instead of the three or four separate passes plain PyTorch needs.
-// Two exceptions where ATen's contraction is slow: 1x1 convolutions (a GEMM per sample) and
-// large NCHW depthwise convolutions (a direct stencil per plane, the epilogue fused in).
 
 #include <Python.h>
 
@@ -106,27 +104,6 @@ Tensor pointwise_transpose(const Tensor& g, const Tensor& weight) {
   return buf;
 }
 
-// The transposed convolution's output_padding that recovers the input size out_shape from g;
-// rejects a g that no input of that shape yields.
-std::vector<int64_t> output_padding_of(const Tensor& g, const Tensor& weight,
-                                       at::IntArrayRef out_shape, const Geometry& geo) {
-  TORCH_CHECK(g.dim() == geo.conv_dims + 2 && g.size(0) == out_shape[0] &&
-                  g.size(1) == weight.size(0),
-              "rlrp_fast: relevance of shape ", g.sizes(), " cannot come from an input of ",
-              "shape ", out_shape, " with weight ", weight.sizes());
-  std::vector<int64_t> output_padding(geo.conv_dims);
-  for (int64_t i = 0; i < geo.conv_dims; ++i) {
-    const int64_t covered = (g.size(2 + i) - 1) * geo.stride[i] - 2 * geo.padding[i] +
-                            geo.dilation[i] * (weight.size(2 + i) - 1) + 1;
-    output_padding[i] = out_shape[2 + i] - covered;
-    TORCH_CHECK(output_padding[i] >= 0 && output_padding[i] < std::max(geo.stride[i],
-                                                                        geo.dilation[i]),
-                "rlrp_fast: relevance of shape ", g.sizes(), " cannot come from an input of ",
-                "shape ", out_shape, " with this geometry");
-  }
-  return output_padding;
-}
-
 // W^T g for a Linear or the adjoint of ConvNd, with shape out_shape, laid out in fmt.
 Tensor transpose_apply(const Tensor& g, const Tensor& weight, at::IntArrayRef out_shape,
                        at::MemoryFormat fmt, const Geometry& geo) {
@@ -137,7 +114,16 @@ Tensor transpose_apply(const Tensor& g, const Tensor& weight, at::IntArrayRef ou
   // (convolution_backward's grad_input computes the same without that bookkeeping, but
   // measured 0-3% slower end to end on VGG16/ResNet50 here.) Its output takes g's layout, so
   // g goes to the wanted layout first (a no-op unless a and g disagree).
-  const std::vector<int64_t> output_padding = output_padding_of(g, weight, out_shape, geo);
+  std::vector<int64_t> output_padding(geo.conv_dims);
+  for (int64_t i = 0; i < geo.conv_dims; ++i) {
+    const int64_t covered = (g.size(2 + i) - 1) * geo.stride[i] - 2 * geo.padding[i] +
+                            geo.dilation[i] * (weight.size(2 + i) - 1) + 1;
+    output_padding[i] = out_shape[2 + i] - covered;
+    TORCH_CHECK(output_padding[i] >= 0 && output_padding[i] < std::max(geo.stride[i],
+                                                                        geo.dilation[i]),
+                "rlrp_fast: relevance of shape ", g.sizes(), " cannot come from an input of ",
+                "shape ", out_shape, " with this geometry");
+  }
   Tensor gf = flat_in(g, fmt) ? g : g.contiguous(fmt);
   return at::convolution(gf, weight, std::nullopt, geo.stride, geo.padding, geo.dilation,
                          /*transposed=*/true, output_padding, geo.groups);
@@ -268,184 +254,6 @@ void divide_stabilized(T* q, const T* g, const Z* z, double eps, int64_t numel) 
   });
 }
 
-// -- depthwise convolutions ------------------------------------------------------------------
-
-// One input channel a group (groups == C_in), C_out = mult * C_in. ATen's transposed
-// convolution (oneDNN here) is fast on these at small sizes but slows down sharply on large
-// ones: on 112x112 planes at batch 8 (EfficientNet-B0's and MobileNetV3-Large's first depthwise
-// layers) a direct per-plane adjoint with the epilogue fused takes 0.6-0.85x its time, and
-// on everything smaller 1.5-3x (bench/RESULTS.md, "Depthwise convolutions"). Channel-vector
-// variants (channels-last, NCHW channel blocks) measured 1-2x slower than ATen everywhere
-// and were dropped. So the direct path takes NCHW only, above both sizes below.
-
-// Largest kernel extent per dim the direct path takes (its tap lists live on the stack).
-constexpr int64_t kMaxKernel = 64;
-// The smallest input plane and the smallest result (elements) the direct path takes.
-constexpr int64_t kDirectMinPlane = 64 * 64;
-constexpr int64_t kDirectMinNumel = int64_t{3} << 20;
-
-bool takes_direct_depthwise(const Tensor& weight, at::IntArrayRef out_shape,
-                            at::MemoryFormat fmt, const Geometry& geo) {
-  if (geo.conv_dims == 0 || geo.groups == 1 || geo.groups != out_shape[1] ||
-      weight.size(1) != 1 || fmt != at::MemoryFormat::Contiguous) {
-    return false;
-  }
-  int64_t plane = 1;
-  for (int64_t i = 0; i < geo.conv_dims; ++i) {
-    if (weight.size(2 + i) > kMaxKernel) return false;
-    plane *= out_shape[2 + i];
-  }
-  return plane >= kDirectMinPlane && plane * out_shape[0] * out_shape[1] >= kDirectMinNumel;
-}
-
-// The geometry padded to 3 spatial dims (size 1, kernel 1, stride 1, padding 0 in front).
-struct Grid3 {
-  int64_t in[3] = {1, 1, 1}, out[3] = {1, 1, 1}, k[3] = {1, 1, 1};
-  int64_t st[3] = {1, 1, 1}, pad[3] = {0, 0, 0}, dil[3] = {1, 1, 1};
-
-  Grid3(const Tensor& g, const Tensor& weight, at::IntArrayRef out_shape, const Geometry& geo) {
-    const int64_t off = 3 - geo.conv_dims;
-    for (int64_t i = 0; i < geo.conv_dims; ++i) {
-      in[off + i] = out_shape[2 + i];
-      out[off + i] = g.size(2 + i);
-      k[off + i] = weight.size(2 + i);
-      st[off + i] = geo.stride[i];
-      pad[off + i] = geo.padding[i];
-      dil[off + i] = geo.dilation[i];
-    }
-  }
-  int64_t in_plane() const { return in[0] * in[1] * in[2]; }
-  int64_t out_plane() const { return out[0] * out[1] * out[2]; }
-  int64_t taps() const { return k[0] * k[1] * k[2]; }
-
-  // The taps of dim d that phase ph reads: input position ph + m * st takes tap k from
-  // output position m + off (floor division: off may be negative). Returns their count.
-  int64_t phase_taps(int d, int64_t ph, int64_t* taps, int64_t* off) const {
-    int64_t n = 0;
-    for (int64_t kk = 0; kk < k[d]; ++kk) {
-      const int64_t r = ph + pad[d] - kk * dil[d];
-      if (((r % st[d]) + st[d]) % st[d] == 0) {
-        taps[n] = kk;
-        off[n++] = r >= 0 ? r / st[d] : -((-r + st[d] - 1) / st[d]);
-      }
-    }
-    return n;
-  }
-};
-
-// The extension is built for the baseline x86-64 ISA (one portable binary), but the plane
-// stencil below is nothing but multiply-adds: GCC also builds it for AVX2 and AVX-512 and
-// picks one when the library loads (an ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
-    defined(__linux__)
-#define RLRP_ISA_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLRP_ISA_CLONES
-#endif
-
-// One NCHW plane (n, c) of W^T g, then the epilogue over the plane; returns its sum |.| when
-// want_sum. Input positions of one phase (i = ph + m * stride, per dim) read the same taps at
-// consecutive output positions, so each input row of a phase is a sum of contiguous axpys
-// into the scratch row acc, written out once (strided by the stride). g points at the plane
-// of output channel c * mult, w at that channel's taps.
-template <typename T, typename A>
-RLRP_ISA_CLONES double depthwise_plane(T* __restrict__ o, const T* g, const T* w,
-                                       const A* a, T s, int64_t mult, const Grid3& grid,
-                                       T* __restrict__ acc, bool want_sum) {
-  const int64_t out_plane = grid.out_plane(), taps = grid.taps();
-  int64_t tap0[kMaxKernel], off0[kMaxKernel], tap1[kMaxKernel], off1[kMaxKernel];
-  int64_t tap2[kMaxKernel], off2[kMaxKernel];
-  for (int64_t ph0 = 0; ph0 < std::min(grid.st[0], grid.in[0]); ++ph0) {
-    const int64_t n0 = grid.phase_taps(0, ph0, tap0, off0);
-    for (int64_t ph1 = 0; ph1 < std::min(grid.st[1], grid.in[1]); ++ph1) {
-      const int64_t n1 = grid.phase_taps(1, ph1, tap1, off1);
-      for (int64_t ph2 = 0; ph2 < std::min(grid.st[2], grid.in[2]); ++ph2) {
-        const int64_t n2 = grid.phase_taps(2, ph2, tap2, off2);
-        const int64_t count2 = (grid.in[2] - ph2 + grid.st[2] - 1) / grid.st[2];
-        for (int64_t i0 = ph0, m0 = 0; i0 < grid.in[0]; i0 += grid.st[0], ++m0) {
-          for (int64_t i1 = ph1, m1 = 0; i1 < grid.in[1]; i1 += grid.st[1], ++m1) {
-            std::fill(acc, acc + count2, T(0));
-            for (int64_t j = 0; j < mult; ++j) {
-              for (int64_t t0 = 0; t0 < n0; ++t0) {
-                const int64_t q0 = m0 + off0[t0];
-                if (q0 < 0 || q0 >= grid.out[0]) continue;
-                for (int64_t t1 = 0; t1 < n1; ++t1) {
-                  const int64_t q1 = m1 + off1[t1];
-                  if (q1 < 0 || q1 >= grid.out[1]) continue;
-                  const T* grow = g + j * out_plane + (q0 * grid.out[1] + q1) * grid.out[2];
-                  const T* wrow =
-                      w + j * taps + (tap0[t0] * grid.k[1] + tap1[t1]) * grid.k[2];
-                  for (int64_t t2 = 0; t2 < n2; ++t2) {
-                    const T wv = wrow[tap2[t2]];
-                    const int64_t lo = std::max<int64_t>(0, -off2[t2]);
-                    const int64_t hi = std::min(count2, grid.out[2] - off2[t2]);
-                    const T* __restrict__ src = grow + off2[t2];
-                    for (int64_t m2 = lo; m2 < hi; ++m2) acc[m2] += wv * src[m2];
-                  }
-                }
-              }
-            }
-            T* orow = o + (i0 * grid.in[1] + i1) * grid.in[2] + ph2;
-            if (grid.st[2] == 1) {
-              std::copy(acc, acc + count2, orow);
-            } else {
-              for (int64_t m2 = 0; m2 < count2; ++m2) orow[m2 * grid.st[2]] = acc[m2];
-            }
-          }
-        }
-      }
-    }
-  }
-  return scale_abs_sum<T, A>(o, a, s, grid.in_plane(), want_sum);
-}
-
-// The whole depthwise contraction on NCHW tensors: scale ⊙ a ⊙ W^T g into a fresh tensor of
-// out_shape, every (n, c) plane in parallel, per-sample L1 into *l1_acc (double) when given,
-// from partial sums per plane (deterministic).
-Tensor depthwise_contract(const Tensor& g, const Tensor& weight, const Tensor& a,
-                          const Tensor& scale, Tensor* l1_acc, at::IntArrayRef out_shape,
-                          const Geometry& geo) {
-  output_padding_of(g, weight, out_shape, geo);
-  const Grid3 grid(g, weight, out_shape, geo);
-  const int64_t n = out_shape[0], channels = out_shape[1], mult = weight.size(0) / channels;
-  const int64_t plane = grid.in_plane(), out_plane = grid.out_plane(), taps = grid.taps();
-  Tensor gc = g.contiguous(), wc = weight.contiguous();
-  Tensor t = at::empty(out_shape, g.options());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rlrp_depthwise", [&] {
-    using T = scalar_t;
-    T* out = t.data_ptr<T>();
-    const T* gp = gc.const_data_ptr<T>();
-    const T* wp = wc.const_data_ptr<T>();
-    const T* sp = scale.defined() ? scale.const_data_ptr<T>() : nullptr;
-    auto run = [&](auto* ap) {
-      using A = std::remove_const_t<std::remove_pointer_t<decltype(ap)>>;
-      std::vector<double> partial(n * channels, 0.0);
-      const int64_t grain = std::max<int64_t>(1, kBlock / plane);
-      at::parallel_for(0, n * channels, grain, [&](int64_t p0, int64_t p1) {
-        std::vector<T> acc(grid.in[2]);
-        for (int64_t pl = p0; pl < p1; ++pl) {
-          const int64_t s = pl / channels, c = pl % channels;
-          partial[pl] = depthwise_plane<T, A>(
-              out + pl * plane, gp + (s * channels + c) * mult * out_plane,
-              wp + c * mult * taps, ap ? ap + pl * plane : nullptr, sp ? sp[s] : T(1), mult,
-              grid, acc.data(), l1_acc != nullptr);
-        }
-      });
-      if (l1_acc) finish_l1(partial, n, channels, l1_acc->data_ptr<double>());
-    };
-    if (!a.defined()) {
-      run(static_cast<const T*>(nullptr));
-    } else {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(),
-                                      "rlrp_depthwise_a", [&] {
-        run(a.const_data_ptr<scalar_t>());
-      });
-    }
-  });
-  return t;
-}
-
 // The whole contraction: W^T g, then the epilogue (times a, times scale[n], per-sample L1
 // into *l1 when l1 is not null), returned with out_shape laid out in fmt. a and scale may be
 // undefined; a defined a must be dense in fmt.
@@ -454,13 +262,6 @@ Tensor contract(const Tensor& g, const Tensor& weight, const Tensor& a, const Te
                 const Geometry& geo) {
   check_geometry(weight, out_shape, geo);
   const int64_t n = out_shape[0];
-  Tensor l1_acc;
-  if (l1) l1_acc = at::empty({n}, g.options().dtype(at::kDouble));
-  if (takes_direct_depthwise(weight, out_shape, fmt, geo)) {
-    Tensor t = depthwise_contract(g, weight, a, scale, l1 ? &l1_acc : nullptr, out_shape, geo);
-    if (l1) *l1 = l1_acc.to(g.scalar_type());
-    return t;
-  }
   const bool pointwise = is_pointwise(weight, geo, fmt);
   const bool scatter = pointwise && !is_unit_grid(geo);
   Tensor t, buf;
@@ -473,6 +274,8 @@ Tensor contract(const Tensor& g, const Tensor& weight, const Tensor& a, const Te
                 " but the layer's input has ", out_shape);
     if (!flat_in(t, fmt)) t = t.contiguous(fmt);
   }
+  Tensor l1_acc;
+  if (l1) l1_acc = at::empty({n}, g.options().dtype(at::kDouble));
   if (!scatter && !a.defined() && !scale.defined() && !l1) return t;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rlrp_contract", [&] {
     using T = scalar_t;

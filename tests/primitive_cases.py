@@ -214,7 +214,7 @@ CASES = [
     Case(2, 3, 6, 9, (9, 11), (3, 5), (2, 1), (1, 2), (1, 2), 1),  # per-dim geometry
     Case(3, 1, 4, 6, (7, 6, 5), 3, 2, 1, 1, 2),
     Case(3, 3, 3, 5, (5, 8, 6), 1, 1, 0, 1, 1),
-    # Depthwise and narrow groups: the Triton kernel across groups, the C++ direct adjoint.
+    # Depthwise and narrow groups (the Triton kernel across groups), 16-wide groups.
     Case(2, 3, 6, 12, (13, 11), 3, 2, 1, 1, 6),        # depthwise, channel multiplier 2, s2
     Case(2, 2, 5, 5, (12, 9), 5, 2, 2, 1, 5),          # EfficientNet's 5×5 s2 depthwise
     Case(2, 2, 7, 7, (6, 5), 7, 1, 3, 1, 7),           # ConvNeXt's 7×7 depthwise, small map
@@ -232,12 +232,3 @@ LINEAR_2D, LINEAR_3D, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED, CONV3D = (
     CASES[1], CASES[2], CASES[4], CASES[8], CASES[11], CASES[17])
 DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D = CASES[23], CASES[19], CASES[26]
 NARROW_GROUPED, WIDE_GROUPED = CASES[24], CASES[25]
-# Depthwise layers big enough (NCHW, planes >= 64², >= 3·2²⁰ values) for the C++ op's direct
-# adjoint; smaller ones go through ATen. cpp only (the interpreter would take minutes).
-DIRECT_DEPTHWISE = [
-    Case(2, 1, 3, 6, (1031, 1029), 3, 2, 1, 1, 3),     # multiplier 2, stride 2
-    Case(2, 2, 24, 24, (263, 257), 5, 1, 4, 2, 24),    # dilated, padding beyond the taps
-    Case(2, 2, 24, 24, (256, 256), (3, 5), (1, 2), (1, 2), 1, 24),  # per-dim, rows of stride 2
-    Case(1, 3, 2, 6, (524_301,), 7, 3, 3, 1, 2),       # Conv1d, multiplier 3, stride 3
-    Case(3, 1, 4, 4, (120, 110, 60), 3, 2, 1, 1, 4),   # Conv3d
-]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from primitive_cases import (BACKENDS, CASE_IDS, CASES, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED,
                              CONV3D, CPP_REASON, DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D,
-                             DIRECT_DEPTHWISE, LINEAR_2D, LINEAR_3D, NARROW_GROUPED, SMALL_BLOCKS, TOL,
+                             LINEAR_2D, LINEAR_3D, NARROW_GROUPED, SMALL_BLOCKS, TOL,
                              assert_close, device_of, poisoned, poisoned_memory,  # noqa: F401
                              skip_unless_triton_takes, stab64, transpose64, triton_kernels)
 
@@ -243,21 +243,6 @@ def test_triton_rejects_what_it_does_not_take(backend):
 
 
 # -- the C++ op: its errors and its fake implementation --------------------------------------
-@needs_cpp
-@pytest.mark.parametrize("case", DIRECT_DEPTHWISE[::2], ids=str)
-def test_cpp_direct_depthwise(case):
-    """Large NCHW depthwise layers take the C++ op's direct adjoint: with ``a`` and ``z``,
-    without ``a``."""
-    from rlrp_fast import ops
-    step, w, g, a = _setup(case, "cpp")
-    z = tiny_z(g.shape, "cpu")
-    for what, a_arg in (("a, z", a), ("no a, z", None)):
-        r = ops.affine_relevance(g, w, a=a_arg, z=z, eps=0.25, input_shape=case.input_shape,
-                                 **step.geometry)
-        assert_close(r, expected64(step, g, case.input_shape, a_arg, z, 0.25),
-                     TOL[torch.float32], what)
-
-
 @needs_cpp
 def test_cpp_rejects_mismatched_shapes():
     from rlrp_fast import ops

@@ -15,8 +15,8 @@ import pytest
 import torch
 from primitive_cases import (BACKENDS, CASE_IDS, CASES, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED,
                              CONV3D, CPP_REASON, DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D,
-                             DIRECT_DEPTHWISE, LINEAR_2D, LINEAR_3D, NARROW_GROUPED, SMALL_BLOCKS,
-                             TOL, WIDE_GROUPED, Case, assert_close, assert_norms, device_of, per_sample, poisoned,
+                             LINEAR_2D, LINEAR_3D, NARROW_GROUPED, SMALL_BLOCKS, TOL, WIDE_GROUPED,
+                             Case, assert_close, assert_norms, device_of, per_sample, poisoned,
                              poisoned_memory,  # noqa: F401
                              skip_unless_triton_takes, transpose64, triton_kernels)
 
@@ -143,13 +143,10 @@ def test_zero_relevance_gives_zero_norm(backend):
 
 # -- the C++ op: determinism, errors, fake implementation -------------------------------------
 @needs_cpp
-@pytest.mark.parametrize("case", [Case(2, 3, 16, 16, (97, 89), 3, 1, 1, 1, 1),
-                                  DIRECT_DEPTHWISE[2]], ids=["dense", "direct-depthwise"])
-def test_cpp_norms_are_deterministic_across_thread_counts(case):
-    """The per-sample norms are summed in fixed blocks (per plane on the direct depthwise
-    path): bit-identical for any thread count."""
+def test_cpp_norms_are_deterministic_across_thread_counts():
+    """The per-sample norms are summed in fixed blocks: bit-identical for any thread count."""
     from rlrp_fast import ops
-    step, w, g, a, _ = _setup(case, "cpp")
+    step, w, g, a, _ = _setup(Case(2, 3, 16, 16, (97, 89), 3, 1, 1, 1, 1), "cpp")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -159,45 +156,6 @@ def test_cpp_norms_are_deterministic_across_thread_counts(case):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
-
-
-def _aten_convolution_calls(fn):
-    """``(fn(), how many ATen convolutions it ran)``."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = fn()
-    return out, sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
-
-
-@needs_cpp
-@pytest.mark.parametrize("case", DIRECT_DEPTHWISE, ids=str)
-def test_cpp_direct_depthwise(case):
-    """Large NCHW depthwise layers take the direct adjoint (no ATen convolution): against
-    float64 math with and without ``g_scale``, low-precision ``a``, float64 relevance."""
-    from rlrp_fast import ops
-    step, w, g, a, scale = _setup(case, "cpp")
-    for what, a_arg, s in (("float32 a", a, None), ("bfloat16 a, g_scale", a.bfloat16(), scale)):
-        (r, l1), calls = _aten_convolution_calls(
-            lambda: ops.affine_relevance_l1(g, w, a_arg, g_scale=s, **step.geometry))
-        assert calls == 0, what
-        _check(r, l1, expected64(step, g, a_arg, s), torch.float32, what)
-    if case.conv_dims == 1:
-        step, w, g, a, scale = _setup(case, "cpp", torch.float64)
-        r, l1 = ops.affine_relevance_l1(g, w, a, g_scale=scale, **step.geometry)
-        _check(r, l1, expected64(step, g, a, scale), torch.float64)
-
-
-@needs_cpp
-@pytest.mark.parametrize("case", [DEPTHWISE_2D, DEPTHWISE_3D, DIRECT_DEPTHWISE[1]], ids=str)
-def test_cpp_small_or_channels_last_depthwise_uses_aten(case):
-    """Where ATen's transposed convolution is faster (small layers, channels-last) it runs."""
-    from rlrp_fast import ops
-    step, w, g, a, scale = _setup(case, "cpp")
-    fmt = torch.channels_last if case.conv_dims == 2 else torch.channels_last_3d
-    a_arg = a if case in (DEPTHWISE_2D, DEPTHWISE_3D) else a.contiguous(memory_format=fmt)
-    (r, l1), calls = _aten_convolution_calls(
-        lambda: ops.affine_relevance_l1(g, w, a_arg, g_scale=scale, **step.geometry))
-    assert calls == 1
-    _check(r, l1, expected64(step, g, a_arg, scale), torch.float32)
 
 
 @needs_cpp
