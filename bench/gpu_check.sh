@@ -50,7 +50,7 @@ done
 for run in "affine_relevance" "affine_relevance_l1" "affine_relevance_l1 --channels-last"; do
   echo "== $run, grouped layers, batch 32 ($((SECONDS - start)) s)"
   RLRP_TRITON_AUTOTUNE=0 timeout 40 $PY -m bench.$run --device cuda --batch 32 \
-    --suite grouped 2>&1 | tail -18
+    --suite grouped 2>&1 | tail -19
 done
 
 # norm="neuron"'s z and |W||a|: two cuDNN calls vs one packed call vs the fused Triton kernel

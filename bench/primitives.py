@@ -57,7 +57,8 @@ LAYERS = {
     "ResNet50 layer2 down 256→512 1×1 s2 @56": Layer(256, 512, 1, 2, 0, 56),
     "ResNet50 layer3 1024→256 1×1 @14": Layer(1024, 256, 1, 1, 0, 14),
 }
-# Depthwise and grouped layers (the narrow-group kernels): `--suite grouped`.
+# Depthwise and grouped layers, `--suite grouped`: depthwise and ResNeXt's 4-wide groups take
+# the narrow-group Triton kernel, RegNet's 16-wide groups the implicit GEMM.
 GROUPED_LAYERS = {
     "EfficientNet-B0 dw 32 3×3 @112": depthwise(32, 3, 1, 112),
     "EfficientNet-B0 dw 96 3×3 s2 @112": depthwise(96, 3, 2, 112),
@@ -71,6 +72,7 @@ GROUPED_LAYERS = {
     "MobileNetV3-L dw 960 5×5 @7": depthwise(960, 5, 1, 7),
     "ConvNeXt-T dw 96 7×7 @56": depthwise(96, 7, 1, 56),
     "ConvNeXt-T dw 768 7×7 @7": depthwise(768, 7, 1, 7),
+    "ResNeXt50-32x4d 128→128 3×3 g32 @56": Layer(128, 128, 3, 1, 1, 56, 32),
     "RegNetY-800MF 144→144 3×3 g9 s2 @56": Layer(144, 144, 3, 2, 1, 56, 9),
     "RegNetY-800MF 320→320 3×3 g20 @14": Layer(320, 320, 3, 1, 1, 14, 20),
 }
