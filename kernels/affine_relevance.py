@@ -3,8 +3,9 @@ methods, C++ ops ``torch.ops.rlrp_fast.*``): ``affine_relevance`` (the classic r
 contraction) and ``affine_relevance_l1`` (the R-LRP contraction with per-sample L1 norms).
 
 Each picks the kernel of the layer's kind — :mod:`.affine_relevance_dense` (Linear) or
-:mod:`.affine_relevance_conv` (Conv1d/Conv2d) — and runs it in one launch. The arguments are
-those of :mod:`rlrp_fast.ops`, plus ``out`` (a preallocated float32 result, e.g. poisoned by
+:mod:`.affine_relevance_conv` (Conv1d/Conv2d: an implicit GEMM, or for depthwise and narrow
+grouped convolutions an elementwise kernel across groups) — and runs it in one launch. The
+arguments are those of :mod:`rlrp_fast.ops`, plus ``out`` (a preallocated float32 result, e.g. poisoned by
 tests) and ``config`` (meta-parameters overriding the fixed/autotuned ones: tests use tiny
 blocks to cover many tiles under the interpreter).
 

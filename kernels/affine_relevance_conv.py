@@ -19,6 +19,14 @@ multiply on a stride-2 layer — and the tap test leaves the inner loop. The red
 flat loop over (valid tap, block of ``C_out/G``), which Triton can pipeline. Positions are
 flattened over ``N × rows × cols`` of the phase so small images still fill a tile. Strides
 are arguments, so NCHW and channels-last tensors (and expanded ones) are read in place.
+
+Narrow groups (depthwise and grouped convolutions with ``C_in/G`` or ``C_out/G`` below
+:data:`NARROW_GROUP`) take a second kernel: a ``tl.dot`` tile of one group would be mostly
+padding there (a depthwise layer uses 1/16 × 1/16 of a 16×16 tile). Its tile is
+``[BLOCK_P positions, BLOCK_C input channels]`` across groups (each lane finds its own group),
+and it loops over the phase's taps and the group's ``C_out/G`` output channels with
+elementwise FMAs; phases, prologue and epilogue are the GEMM kernel's. :func:`launch` picks
+the kernel.
 """
 from __future__ import annotations
 
@@ -157,6 +165,115 @@ _launcher, _launcher_meta = autotune_or_fixed(
     interpret_meta=_INTERPRET_META, reset_to_zero=["l1_ptr"])
 
 
+# Below this many channels per group (in or out) a tl.dot tile of one group is mostly padding.
+NARROW_GROUP = 16
+
+
+def is_narrow_grouped(groups: int, cin_g: int, cout_g: int) -> bool:
+    """Whether :func:`launch` takes the elementwise kernel for narrow groups."""
+    return groups > 1 and min(cin_g, cout_g) < NARROW_GROUP
+
+
+@triton.jit(do_not_specialize=[
+    "C_IN", "CIN_G", "COUT_G", "H", "W", "OH", "OW", "KH", "KW", "QH", "QW", "MQ",
+    "SH", "SW", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "GCD_H", "INV_H", "GCD_W", "INV_W"])
+def _affine_relevance_grouped_kernel(
+    g_ptr, z_ptr, w_ptr, a_ptr, scale_ptr, out_ptr, l1_ptr,
+    C_IN, CIN_G, COUT_G, H, W, OH, OW, KH, KW, QH, QW, MQ,
+    SH, SW, PAD_H, PAD_W, DIL_H, DIL_W, GCD_H, INV_H, GCD_W, INV_W,
+    stride_gn, stride_gc, stride_gh, stride_gw,
+    stride_zn, stride_zc, stride_zh, stride_zw,
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_an, stride_ac, stride_ah, stride_aw,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    eps,
+    HAS_Z: tl.constexpr, HAS_EPS: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_SCALE: tl.constexpr, COMPUTE_L1: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Grid: (position tiles × channel tiles over all C_in, phases)."""
+    phase = tl.program_id(1)
+    ph = phase // SW
+    pw = phase % SW
+    pid_p, pid_c = grouped_tile(tl.program_id(0), tl.cdiv(MQ, BLOCK_P), tl.cdiv(C_IN, BLOCK_C),
+                                GROUP_M)
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    qw = offs_p % QW
+    rest = offs_p // QW
+    qh = rest % QH
+    n = (rest // QH).to(tl.int64)  # int64: n·stride_n may pass 2³¹
+    ih = qh * SH + ph
+    iw = qw * SW + pw
+    mask_p = (offs_p < MQ) & (ih < H) & (iw < W)
+    chan_in = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = chan_in < C_IN
+    # each lane's group: its output channels start at grp·COUT_G
+    grp = chan_in // CIN_G
+    c_in_grp = chan_in - grp * CIN_G
+
+    rh = ph + PAD_H
+    rw = pw + PAD_W
+    kh0, step_h, count_h = _first_tap(rh, SH, DIL_H, GCD_H, INV_H, KH)
+    kw0, step_w, count_w = _first_tap(rw, SW, DIL_W, GCD_W, INV_W, KW)
+    total = count_h * count_w * COUT_G
+
+    g_rows = g_ptr + n * stride_gn
+    z_rows = z_ptr + n * stride_zn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in range(0, total):
+        j = t % COUT_G
+        tap = t // COUT_G
+        kh = kh0 + (tap // count_w) * step_h
+        kw = kw0 + (tap % count_w) * step_w
+        oh = qh + (rh - kh * DIL_H) // SH
+        ow = qw + (rw - kw * DIL_W) // SW
+        ok_p = mask_p & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        chan_out = grp * COUT_G + j
+        mask_pc = ok_p[:, None] & mask_c[None, :]
+        g = tl.load(g_rows[:, None] + chan_out[None, :] * stride_gc
+                    + (oh * stride_gh + ow * stride_gw)[:, None],
+                    mask=mask_pc, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_rows[:, None] + chan_out[None, :] * stride_zc
+                        + (oh * stride_zh + ow * stride_zw)[:, None],
+                        mask=mask_pc, other=1.0)
+            g = divide_by_stabilized(g, z, eps, HAS_EPS)
+        w = tl.load(w_ptr + chan_out * stride_wo + c_in_grp * stride_wi + kh * stride_wh
+                    + kw * stride_ww, mask=mask_c, other=0.0).to(tl.float32)
+        acc += g * w[None, :]
+
+    mask = mask_p[:, None] & mask_c[None, :]
+    if HAS_A:
+        a = tl.load(a_ptr + n[:, None] * stride_an + chan_in[None, :] * stride_ac
+                    + (ih * stride_ah + iw * stride_aw)[:, None], mask=mask, other=0.0)
+        acc = acc * a.to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + n, mask=mask_p, other=0.0)
+        acc = acc * s[:, None]
+    if COMPUTE_L1:
+        row_l1 = tl.sum(tl.where(mask, tl.abs(acc), 0.0), axis=1)
+        add_l1(l1_ptr, n, row_l1, mask_p)
+    tl.store(out_ptr + n[:, None] * stride_on + chan_in[None, :] * stride_oc
+             + (ih * stride_oh + iw * stride_ow)[:, None], acc, mask=mask)
+
+
+def _grouped_configs():
+    # Wide position tiles suit NCHW (positions contiguous), wide channel tiles channels-last.
+    shapes = [(128, 32, 4), (64, 64, 4), (256, 16, 4), (32, 128, 4), (128, 64, 8),
+              (512, 8, 4)]
+    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c, "GROUP_M": 8}, num_stages=2,
+                          num_warps=w) for p, c, w in shapes]
+
+
+_GROUPED_INTERPRET_META = {"BLOCK_P": 128, "BLOCK_C": 32, "GROUP_M": 8}
+_grouped_launcher, _grouped_launcher_meta = autotune_or_fixed(
+    _affine_relevance_grouped_kernel, _grouped_configs(),
+    key=["MQ", "C_IN", "CIN_G", "COUT_G", "KH", "KW", "SH", "SW", "stride_oc", "HAS_Z",
+         "HAS_EPS", "HAS_A", "HAS_SCALE", "COMPUTE_L1"],
+    interpret_meta=_GROUPED_INTERPRET_META, reset_to_zero=["l1_ptr"])
+
+
 def _tap_progression(stride: int, dilation: int) -> tuple[int, int]:
     """``(gcd(d, s), inverse of d/gcd modulo s/gcd)`` for :func:`_first_tap`."""
     gcd = math.gcd(dilation, stride)
@@ -175,7 +292,8 @@ def launch(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size,
            scale: torch.Tensor | None = None, compute_l1: bool = True,
            out: torch.Tensor | None = None, config: dict | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(R̃, ‖R̃‖₁ per sample or None)`` for a Conv1d/Conv2d, in one launch.
+    """``(R̃, ‖R̃‖₁ per sample or None)`` for a Conv1d/Conv2d, in one launch (of the
+    narrow-group kernel when :func:`is_narrow_grouped`, else of the implicit GEMM).
 
     Args:
         g: relevance at the output ``[N, C_out, (OH,) OW]`` float32, any strides.
@@ -184,7 +302,9 @@ def launch(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size,
             several input sizes to one output size).
         stride, padding, dilation: per spatial dim (sequences of 1 or 2 ints).
         a: the layer's input (float32/bfloat16/float16, any strides) or None (no factor).
-        z, eps, scale, compute_l1, out, config: as in :func:`.affine_relevance_dense.launch`.
+        z, eps, scale, compute_l1, out, config: as in :func:`.affine_relevance_dense.launch`
+            (``config`` overrides the chosen kernel's meta-parameters; the narrow-group
+            kernel has no ``BLOCK_K``).
 
     Returns ``R̃`` float32 ``input_shape`` (channels-last when ``a`` is) and the L1 norms.
     """
@@ -225,19 +345,32 @@ def launch(g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size,
     dummy = g  # never read: its flag is off
     # not ``dummy``: the autotuner zeroes l1_ptr before each trial run
     l1_arg = l1 if l1 is not None else torch.zeros(1, dtype=torch.float32, device=g.device)
+    args = (g, z if z is not None else dummy, weight, a if a is not None else dummy,
+            scale if scale is not None else dummy, out4, l1_arg)
+    geometry = (h, w_in, oh, ow, kh, kw, qh, qw, mq, sh, sw, padding[0], padding[1],
+                dilation[0], dilation[1], gcd_h, inv_h, gcd_w, inv_w,
+                *g.stride(), *(z.stride() if z is not None else (0, 0, 0, 0)),
+                *weight.stride(), *(a.stride() if a is not None else (0, 0, 0, 0)),
+                *out4.stride(), float(eps))
+    flags = dict(HAS_Z=z is not None, HAS_EPS=eps != 0, HAS_A=a is not None,
+                 HAS_SCALE=scale is not None, COMPUTE_L1=compute_l1)
+    cout_g = c_out // groups
+    if is_narrow_grouped(groups, cin_g, cout_g):
+        c_in = groups * cin_g
+        if config is None:
+            launcher, meta = _grouped_launcher, _grouped_launcher_meta
+        else:  # the GEMM kernel's BLOCK_K has no meaning here
+            launcher, meta = _affine_relevance_grouped_kernel, dict(
+                _GROUPED_INTERPRET_META,
+                **{k: v for k, v in config.items() if k in _GROUPED_INTERPRET_META})
+        grid = lambda META: (triton.cdiv(mq, META["BLOCK_P"])  # noqa: E731
+                             * triton.cdiv(c_in, META["BLOCK_C"]), sh * sw)
+        launcher[grid](*args, c_in, cin_g, cout_g, *geometry, **flags, **meta)
+        return out, l1
     launcher, meta = (_launcher, _launcher_meta) if config is None else (
         _affine_relevance_conv_kernel, dict(_INTERPRET_META, **config))
     grid = lambda META: (triton.cdiv(mq, META["BLOCK_P"])  # noqa: E731
                          * triton.cdiv(cin_g, META["BLOCK_C"]), sh * sw * groups)
-    launcher[grid](
-        g, z if z is not None else dummy, weight, a if a is not None else dummy,
-        scale if scale is not None else dummy, out4, l1_arg,
-        groups, cin_g, c_out // groups, h, w_in, oh, ow, kh, kw, qh, qw, mq,
-        sh, sw, padding[0], padding[1], dilation[0], dilation[1], gcd_h, inv_h, gcd_w, inv_w,
-        *g.stride(), *(z.stride() if z is not None else (0, 0, 0, 0)), *weight.stride(),
-        *(a.stride() if a is not None else (0, 0, 0, 0)), *out4.stride(),
-        float(eps),
-        HAS_Z=z is not None, HAS_EPS=eps != 0, HAS_A=a is not None,
-        HAS_SCALE=scale is not None, COMPUTE_L1=compute_l1, PRECISION=DOT_PRECISION,
-        **meta)
+    launcher[grid](*args, groups, cin_g, cout_g, *geometry, **flags, PRECISION=DOT_PRECISION,
+                   **meta)
     return out, l1

@@ -190,7 +190,8 @@ def skip_unless_triton_takes(backend: str, step: Affine, g, *others) -> None:
 
 
 # Ragged sizes everywhere; batch 1 and odd batches; 1x1, 3x3, 5x5, 7x7; stride 1/2/3;
-# padding 0-3; dilation 1/2; groups 1, 2, 3 and depthwise; per-dim geometry; strided cases
+# padding 0-3; dilation 1/2; groups 1, 2, 3, 16-wide and depthwise (multipliers 1-3);
+# per-dim geometry; strided cases
 # whose output does not reach the last input rows (they get exactly 0). 1x1 convolutions
 # take their own path in C++ (a GEMM, scattered back onto the input grid when strided).
 CASES = [
@@ -213,8 +214,21 @@ CASES = [
     Case(2, 3, 6, 9, (9, 11), (3, 5), (2, 1), (1, 2), (1, 2), 1),  # per-dim geometry
     Case(3, 1, 4, 6, (7, 6, 5), 3, 2, 1, 1, 2),
     Case(3, 3, 3, 5, (5, 8, 6), 1, 1, 0, 1, 1),
+    # Depthwise and narrow groups (the Triton kernel across groups), 16-wide groups.
+    Case(2, 3, 6, 12, (13, 11), 3, 2, 1, 1, 6),        # depthwise, channel multiplier 2, s2
+    Case(2, 2, 5, 5, (12, 9), 5, 2, 2, 1, 5),          # EfficientNet's 5×5 s2 depthwise
+    Case(2, 2, 7, 7, (6, 5), 7, 1, 3, 1, 7),           # ConvNeXt's 7×7 depthwise, small map
+    Case(2, 3, 5, 5, (9, 10), (3, 1), (1, 2), (2, 0), (2, 1), 5),  # per-dim, dilated
+    Case(1, 3, 4, 12, (26,), 3, 3, 2, 2, 4),           # multiplier 3, stride 3, dilation 2
+    Case(2, 2, 20, 10, (7, 6), 3, 1, 1, 1, 10),        # 2 in, 1 out per group
+    Case(2, 1, 32, 32, (6, 5), 3, 1, 1, 1, 2),         # 16-wide groups: the GEMM kernel
+    Case(3, 2, 4, 8, (5, 6, 7), 3, 2, 1, 1, 4),        # depthwise Conv3d, multiplier 2
+    Case(2, 2, 3, 6, (37, 33), 3, 2, 1, 1, 3),         # depthwise, many position tiles
+    Case(1, 2, 3, 3, (1100,), 5, 3, 2, 2, 3),          # depthwise Conv1d, long, dilated
 ]
 CASE_IDS = [str(c) for c in CASES]
 # one of each kind, for the dtype, layout and opcheck tests
 LINEAR_2D, LINEAR_3D, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED, CONV3D = (
     CASES[1], CASES[2], CASES[4], CASES[8], CASES[11], CASES[17])
+DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D = CASES[23], CASES[19], CASES[26]
+NARROW_GROUPED, WIDE_GROUPED = CASES[24], CASES[25]

@@ -1,6 +1,7 @@
 """The ``affine_forward_abs`` Triton kernel (``z = W a + b`` and ``s = |W| |a|`` from the same
 tiles) against float64 torch: Linear (2-d and 3-d input), Conv1d and Conv2d with every stride,
-padding, dilation and groups case (depthwise included), ragged shapes, channels-last and
+padding, dilation and groups case (depthwise with channel multipliers and narrow groups, which
+take their own kernel, and 16-wide groups, which do not), ragged shapes, channels-last and
 expanded inputs, each input dtype it accepts, each output skipped in turn.
 
 Here (no GPU) it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py); on
@@ -77,6 +78,9 @@ CONV2D = [  # (C_in, C_out, kernel, stride, padding, dilation, groups, H, W)
     (8, 5, (1, 1), (1, 1), (0, 0), (1, 1), 1, 6, 5),      # pointwise
     (2, 3, (7, 7), (2, 2), (3, 3), (1, 1), 1, 15, 13),    # a stem
     (4, 4, (3, 3), (1, 1), (4, 4), (3, 3), 1, 6, 7),      # padding past the kernel
+    (5, 10, (5, 5), (2, 2), (2, 2), (1, 1), 5, 12, 11),   # depthwise, channel multiplier 2
+    (20, 10, (3, 3), (1, 1), (1, 1), (1, 1), 10, 7, 6),   # 2 in, 1 out per group
+    (32, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2, 6, 5),    # 16-wide groups: the GEMM kernel
 ]
 
 
@@ -121,13 +125,43 @@ def test_conv2d_reads_any_strides(layout):
     _check(a, weight, None, conv)
 
 
+@pytest.mark.parametrize("case, narrow", [(CONV2D[3], True), (CONV2D[8], True),
+                                          (CONV2D[10], False), (CONV2D[0], False)],
+                         ids=["depthwise", "multiplier", "wide-groups", "dense"])
+def test_narrow_groups_take_their_kernel(case, narrow, monkeypatch):
+    """Depthwise and narrow groups launch the elementwise kernel across groups (also
+    channels-last), the rest the implicit GEMM."""
+    from rlrp_fast.kernels import affine_forward_abs as module
+    launched = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_launch", "_grouped_launch"):
+        monkeypatch.setattr(module, name, Spy(name))
+    cin, cout, k, stride, padding, dilation, groups, h, w = case
+    torch.manual_seed(4)
+    a = torch.randn(2, cin, h, w, device=DEVICE)
+    weight = torch.randn(cout, cin // groups, *k, device=DEVICE)
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    for a_arg in (a, a.contiguous(memory_format=torch.channels_last)):
+        _check(a_arg, weight, torch.randn(cout, device=DEVICE), conv,
+               scale=torch.randn(cout, device=DEVICE))
+    assert launched == ["_grouped_launch" if narrow else "_launch"] * 2
+
+
 @pytest.mark.parametrize("dtype", list(Z_TOL))
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, 6])
 def test_conv1d(dtype, groups):
     torch.manual_seed(3)
     a = torch.randn(3, 6, 23, device=DEVICE).to(dtype)
-    weight = torch.randn(8, 6 // groups, 4, device=DEVICE).to(dtype)
-    _check(a, weight, torch.randn(8, device=DEVICE).to(dtype),
+    weight = torch.randn(12, 6 // groups, 4, device=DEVICE).to(dtype)
+    _check(a, weight, torch.randn(12, device=DEVICE).to(dtype),
            dict(stride=(3,), padding=(2,), dilation=(2,), groups=groups))
 
 

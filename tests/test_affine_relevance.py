@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 from primitive_cases import (BACKENDS, CASE_IDS, CASES, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED,
-                             CONV3D, CPP_REASON, LINEAR_2D, LINEAR_3D, SMALL_BLOCKS, TOL,
+                             CONV3D, CPP_REASON, DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D,
+                             LINEAR_2D, LINEAR_3D, NARROW_GROUPED, SMALL_BLOCKS, TOL,
                              assert_close, device_of, poisoned, poisoned_memory,  # noqa: F401
                              skip_unless_triton_takes, stab64, transpose64, triton_kernels)
 
@@ -95,7 +96,8 @@ def test_matches_float64_math(backend, case, rel_dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("case", [LINEAR_3D, CONV1D, CONV2D, CONV3D], ids=str)
+@pytest.mark.parametrize("case", [LINEAR_3D, CONV1D, CONV2D, CONV3D, DEPTHWISE_1D,
+                                  DEPTHWISE_2D, DEPTHWISE_3D], ids=str)
 def test_input_dtypes(backend, case, a_dtype):
     """``a`` (and ``z``) in any float dtype are upcast exactly: the relevance dtype alone sets
     the error. float64 relevance with a float32 ``a`` too (not a Triton case)."""
@@ -135,7 +137,8 @@ def test_lrp0_exact_zero(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [CONV2D, CONV2D_POINTWISE_PADDED, CONV3D], ids=str)
+@pytest.mark.parametrize("case", [CONV2D, CONV2D_POINTWISE_PADDED, CONV3D, DEPTHWISE_2D,
+                                  DEPTHWISE_3D], ids=str)
 def test_channels_last(backend, case):
     """Channels-last ``a``, ``z`` and ``g`` are read in place; the fused backends lay the
     result out like ``a`` (like ``g`` without ``a``)."""
@@ -154,7 +157,8 @@ def test_channels_last(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [LINEAR_2D, CONV1D, CONV2D], ids=str)
+@pytest.mark.parametrize("case", [LINEAR_2D, CONV1D, CONV2D, DEPTHWISE_1D, DEPTHWISE_2D],
+                         ids=str)
 def test_expanded_and_sliced_inputs(backend, case):
     """zB's bounds arrive as stride-0 expansions of a per-channel vector; slices have holes:
     both are read as what they are, never as flat memory."""
@@ -181,7 +185,8 @@ TRITON = BACKENDS[2]
 
 
 @pytest.mark.parametrize("backend", [TRITON])
-@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[15]], ids=str)
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[15], DEPTHWISE_2D,
+                                  NARROW_GROUPED], ids=str)
 def test_triton_many_tiles(backend, case):
     """16-wide blocks: several row/position tiles (some straddling samples) in ragged groups,
     channel tiles and reduction steps per tap, with the division in the prologue."""
@@ -254,7 +259,7 @@ def test_cpp_rejects_mismatched_shapes():
 
 @needs_cpp
 @pytest.mark.parametrize("case", [LINEAR_2D, LINEAR_3D, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED,
-                                  CONV3D], ids=str)
+                                  CONV3D, DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D], ids=str)
 def test_cpp_opcheck(case):
     """Schema, fake (meta) implementation, and tracing of ``torch.ops.rlrp_fast.affine_relevance``
     on each geometry it claims: with and without ``a`` and ``z``, low-precision ``a``/``z``,

@@ -14,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 from primitive_cases import (BACKENDS, CASE_IDS, CASES, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED,
-                             CONV3D, CPP_REASON, LINEAR_2D, LINEAR_3D, SMALL_BLOCKS, TOL,
-                             assert_close, assert_norms, device_of, per_sample, poisoned,
+                             CONV3D, CPP_REASON, DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D,
+                             LINEAR_2D, LINEAR_3D, NARROW_GROUPED, SMALL_BLOCKS, TOL, WIDE_GROUPED,
+                             Case, assert_close, assert_norms, device_of, per_sample, poisoned,
                              poisoned_memory,  # noqa: F401
                              skip_unless_triton_takes, transpose64, triton_kernels)
 
@@ -78,7 +79,8 @@ def test_matches_float64_math(backend, case, rel_dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("case", [LINEAR_3D, CONV1D, CONV2D, CONV3D], ids=str)
+@pytest.mark.parametrize("case", [LINEAR_3D, CONV1D, CONV2D, CONV3D, DEPTHWISE_1D,
+                                  DEPTHWISE_2D, DEPTHWISE_3D], ids=str)
 def test_input_dtypes(backend, case, a_dtype):
     """``a`` in any float dtype is upcast exactly: the relevance dtype alone sets the error.
     float64 relevance with a float32 ``a`` too (not a Triton case)."""
@@ -93,7 +95,8 @@ def test_input_dtypes(backend, case, a_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [CONV2D, CONV2D_POINTWISE_PADDED, CONV3D], ids=str)
+@pytest.mark.parametrize("case", [CONV2D, CONV2D_POINTWISE_PADDED, CONV3D, DEPTHWISE_2D,
+                                  DEPTHWISE_3D], ids=str)
 def test_channels_last(backend, case):
     """Channels-last ``a`` (with ``g`` in either layout) is read in place; the fused backends
     lay ``R̃`` out like ``a``."""
@@ -109,7 +112,8 @@ def test_channels_last(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [LINEAR_2D, CONV1D, CONV2D], ids=str)
+@pytest.mark.parametrize("case", [LINEAR_2D, CONV1D, CONV2D, DEPTHWISE_1D, DEPTHWISE_2D],
+                         ids=str)
 def test_expanded_and_sliced_inputs(backend, case):
     """Stride-0 expansions and slices with holes are read as what they are, never as flat
     memory; a ``g_scale`` of another float dtype is converted."""
@@ -141,8 +145,6 @@ def test_zero_relevance_gives_zero_norm(backend):
 @needs_cpp
 def test_cpp_norms_are_deterministic_across_thread_counts():
     """The per-sample norms are summed in fixed blocks: bit-identical for any thread count."""
-    from primitive_cases import Case
-
     from rlrp_fast import ops
     step, w, g, a, _ = _setup(Case(2, 3, 16, 16, (97, 89), 3, 1, 1, 1, 1), "cpp")
     threads = torch.get_num_threads()
@@ -170,7 +172,7 @@ def test_cpp_rejects_mismatched_inputs():
 
 @needs_cpp
 @pytest.mark.parametrize("case", [LINEAR_2D, LINEAR_3D, CONV1D, CONV2D, CONV2D_POINTWISE_PADDED,
-                                  CONV3D], ids=str)
+                                  CONV3D, DEPTHWISE_1D, DEPTHWISE_2D, DEPTHWISE_3D], ids=str)
 def test_cpp_opcheck(case):
     """Schema, fake (meta) implementation, and tracing of
     ``torch.ops.rlrp_fast.affine_relevance_l1`` on each geometry it claims: with and without
@@ -189,7 +191,8 @@ def test_cpp_opcheck(case):
 
 # -- the Triton kernels: many tiles, their own allocation, their errors --------------------
 @pytest.mark.parametrize("backend", [TRITON])
-@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[15]], ids=str)
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[15], DEPTHWISE_2D,
+                                  NARROW_GROUPED], ids=str)
 def test_triton_many_tiles(backend, case):
     """16-wide blocks: several row/position tiles, some straddling two samples (per-row L1
     atomics), in ragged groups; channel tiles and reduction steps per tap."""
@@ -198,6 +201,32 @@ def test_triton_many_tiles(backend, case):
     out = poisoned(case.input_shape, g.device)
     r, l1 = triton_kernels().affine_relevance_l1(g, w, a, g_scale=scale, out=out, config=config,
                                                  **step.geometry)
+    _check(r, l1, expected64(step, g, a, scale), torch.float32)
+
+
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.parametrize("case, narrow", [(DEPTHWISE_1D, True), (DEPTHWISE_2D, True),
+                                          (NARROW_GROUPED, True), (WIDE_GROUPED, False),
+                                          (CONV1D, False)], ids=str)
+def test_triton_narrow_groups_take_their_kernel(backend, case, narrow, monkeypatch):
+    """Depthwise and narrow groups launch the elementwise kernel across groups, the rest the
+    implicit GEMM."""
+    from rlrp_fast.kernels import affine_relevance_conv as conv
+    launched = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(conv, name)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_launcher", "_grouped_launcher"):
+        monkeypatch.setattr(conv, name, Spy(name))
+    step, w, g, a, scale = _setup(case, backend)
+    r, l1 = triton_kernels().affine_relevance_l1(g, w, a, g_scale=scale, **step.geometry)
+    assert launched == ["_grouped_launcher" if narrow else "_launcher"]
     _check(r, l1, expected64(step, g, a, scale), torch.float32)
 
 

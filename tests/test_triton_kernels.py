@@ -18,7 +18,8 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from primitive_cases import CONV2D, assert_close, assert_norms, stab64, transpose64
+from primitive_cases import (CONV2D, WIDE_GROUPED, assert_close, assert_norms, stab64,
+                             transpose64)
 
 triton = pytest.importorskip("triton")
 
@@ -221,6 +222,12 @@ def test_autotuned_launch(monkeypatch):
                                 reset_to_zero=["l1_ptr"])(kernel)
         monkeypatch.setattr(module, "_launcher", tuned)
         monkeypatch.setattr(module, "_launcher_meta", {})
+    # and the narrow-group (depthwise) kernel
+    grouped = triton.autotune(configs=affine_relevance_conv._grouped_configs()[:2],
+                              key=["MQ", "CIN_G", "COUT_G"], reset_to_zero=["l1_ptr"])(
+        affine_relevance_conv._affine_relevance_grouped_kernel)
+    monkeypatch.setattr(affine_relevance_conv, "_grouped_launcher", grouped)
+    monkeypatch.setattr(affine_relevance_conv, "_grouped_launcher_meta", {})
     g = torch.randn(5, 37, device="cuda")
     w = torch.randn(37, 29, device="cuda")
     a = torch.randn(5, 29, device="cuda")
@@ -231,22 +238,25 @@ def test_autotuned_launch(monkeypatch):
     assert torch.equal(g, g_copy)
     assert_close(r, expected, 1e-5)
     assert_norms(l1, expected, 1e-5)
-    step = CONV2D.step()
-    w = step.weight.cuda()
-    a = torch.randn(CONV2D.input_shape, device="cuda")
-    g = torch.randn(CONV2D.output_shape(step), device="cuda")
-    z = torch.randn_like(g)
-    g_copy = g.clone()
-    r, l1 = kernels.affine_relevance_l1(g, w, a, **step.geometry)
-    expected = transpose64(step, g, a.shape) * a.double().cpu()
-    assert torch.equal(g, g_copy)
-    assert_close(r, expected, 1e-5)
-    assert_norms(l1, expected, 1e-5)
-    # with z: no L1, the dummy L1 buffer is zeroed, not g
-    r = kernels.affine_relevance(g, w, a=a, z=z, eps=1e-6, input_shape=a.shape, **step.geometry)
-    assert torch.equal(g, g_copy)
-    expected = transpose64(step, g.double().cpu() / stab64(z, 1e-6), a.shape) * a.double().cpu()
-    assert_close(r, expected, 1e-5)
+    for case in (WIDE_GROUPED, CONV2D):  # the GEMM kernel; the narrow-group kernel
+        step = case.step()
+        w = step.weight.cuda()
+        a = torch.randn(case.input_shape, device="cuda")
+        g = torch.randn(case.output_shape(step), device="cuda")
+        z = torch.randn_like(g)
+        g_copy = g.clone()
+        r, l1 = kernels.affine_relevance_l1(g, w, a, **step.geometry)
+        expected = transpose64(step, g, a.shape) * a.double().cpu()
+        assert torch.equal(g, g_copy)
+        assert_close(r, expected, 1e-5)
+        assert_norms(l1, expected, 1e-5)
+        # with z: no L1, the dummy L1 buffer is zeroed, not g
+        r = kernels.affine_relevance(g, w, a=a, z=z, eps=1e-6, input_shape=a.shape,
+                                     **step.geometry)
+        assert torch.equal(g, g_copy)
+        expected = transpose64(step, g.double().cpu() / stab64(z, 1e-6), a.shape) \
+            * a.double().cpu()
+        assert_close(r, expected, 1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
