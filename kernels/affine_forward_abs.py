@@ -35,6 +35,29 @@ from .affine_relevance_conv import is_narrow_grouped
 
 
 # Geometry is not specialised (one compiled kernel serves a network's many layer shapes).
+@triton.jit
+def _store(acc_z, acc_s, n, oh, ow, chan_out, mask_p, mask_o, scale_ptr, b_ptr, z_ptr, s_ptr,
+           stride_zn, stride_zc, stride_zh, stride_zw, stride_sn, stride_sc, stride_sh,
+           stride_sw, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+           STORE_Z: tl.constexpr, STORE_S: tl.constexpr):
+    """Both kernels' end on a (positions × output channels) tile: the folded scale σ (|σ| on
+    ``s``), the bias on ``z``, the stores."""
+    mask = mask_p[:, None] & mask_o[None, :]
+    if HAS_SCALE:
+        sigma = tl.load(scale_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        acc_z = acc_z * sigma
+        acc_s = acc_s * tl.abs(sigma)
+    if STORE_Z:
+        if HAS_BIAS:
+            acc_z += tl.load(b_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        tl.store(z_ptr + n[:, None] * stride_zn + chan_out[None, :] * stride_zc
+                 + (oh * stride_zh + ow * stride_zw)[:, None],
+                 acc_z.to(z_ptr.dtype.element_ty), mask=mask)
+    if STORE_S:
+        tl.store(s_ptr + n[:, None] * stride_sn + chan_out[None, :] * stride_sc
+                 + (oh * stride_sh + ow * stride_sw)[:, None], acc_s, mask=mask)
+
+
 @triton.jit(do_not_specialize=[
     "CIN_G", "COUT_G", "H", "W", "OH", "OW", "KH", "KW", "MP",
     "SH", "SW", "PAD_H", "PAD_W", "DIL_H", "DIL_W"])
@@ -91,20 +114,9 @@ def _affine_forward_abs_kernel(
         if STORE_S:
             acc_s = tl.dot(tl.abs(a), tl.abs(w), acc_s, input_precision=PRECISION)
 
-    mask = mask_p[:, None] & mask_o[None, :]
-    if HAS_SCALE:
-        sigma = tl.load(scale_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-        acc_z = acc_z * sigma
-        acc_s = acc_s * tl.abs(sigma)
-    if STORE_Z:
-        if HAS_BIAS:
-            acc_z += tl.load(b_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-        tl.store(z_ptr + n[:, None] * stride_zn + chan_out[None, :] * stride_zc
-                 + (oh * stride_zh + ow * stride_zw)[:, None],
-                 acc_z.to(z_ptr.dtype.element_ty), mask=mask)
-    if STORE_S:
-        tl.store(s_ptr + n[:, None] * stride_sn + chan_out[None, :] * stride_sc
-                 + (oh * stride_sh + ow * stride_sw)[:, None], acc_s, mask=mask)
+    _store(acc_z, acc_s, n, oh, ow, chan_out, mask_p, mask_o, scale_ptr, b_ptr, z_ptr, s_ptr,
+           stride_zn, stride_zc, stride_zh, stride_zw, stride_sn, stride_sc, stride_sh,
+           stride_sw, HAS_SCALE, HAS_BIAS, STORE_Z, STORE_S)
 
 
 def _configs():
@@ -175,20 +187,9 @@ def _affine_forward_abs_grouped_kernel(
         if STORE_S:
             acc_s += tl.abs(a) * tl.abs(w)
 
-    mask = mask_p[:, None] & mask_o[None, :]
-    if HAS_SCALE:
-        sigma = tl.load(scale_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-        acc_z = acc_z * sigma
-        acc_s = acc_s * tl.abs(sigma)
-    if STORE_Z:
-        if HAS_BIAS:
-            acc_z += tl.load(b_ptr + chan_out, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-        tl.store(z_ptr + n[:, None] * stride_zn + chan_out[None, :] * stride_zc
-                 + (oh * stride_zh + ow * stride_zw)[:, None],
-                 acc_z.to(z_ptr.dtype.element_ty), mask=mask)
-    if STORE_S:
-        tl.store(s_ptr + n[:, None] * stride_sn + chan_out[None, :] * stride_sc
-                 + (oh * stride_sh + ow * stride_sw)[:, None], acc_s, mask=mask)
+    _store(acc_z, acc_s, n, oh, ow, chan_out, mask_p, mask_o, scale_ptr, b_ptr, z_ptr, s_ptr,
+           stride_zn, stride_zc, stride_zh, stride_zw, stride_sn, stride_sc, stride_sh,
+           stride_sw, HAS_SCALE, HAS_BIAS, STORE_Z, STORE_S)
 
 
 def _grouped_configs():

@@ -40,6 +40,29 @@ from ._common import DOT_PRECISION, add_l1, autotune_or_fixed, divide_by_stabili
 
 
 @triton.jit
+def _epilogue(acc, n, ih, iw, chan_in, mask_p, mask_c, a_ptr, scale_ptr, out_ptr, l1_ptr,
+              stride_an, stride_ac, stride_ah, stride_aw,
+              stride_on, stride_oc, stride_oh, stride_ow,
+              HAS_A: tl.constexpr, HAS_SCALE: tl.constexpr, COMPUTE_L1: tl.constexpr):
+    """Both conv kernels' fused end on a (positions × input channels) tile of ``Wᵀg``: ⊙ a,
+    ⊙ the per-sample scale, the per-sample L1, the store."""
+    mask = mask_p[:, None] & mask_c[None, :]
+    if HAS_A:
+        a = tl.load(a_ptr + n[:, None] * stride_an + chan_in[None, :] * stride_ac
+                    + (ih * stride_ah + iw * stride_aw)[:, None], mask=mask, other=0.0)
+        acc = acc * a.to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + n, mask=mask_p, other=0.0)
+        acc = acc * s[:, None]
+    if COMPUTE_L1:
+        # where, not the masks' zeros: an inf·0 in a padded lane would be NaN.
+        row_l1 = tl.sum(tl.where(mask, tl.abs(acc), 0.0), axis=1)
+        add_l1(l1_ptr, n, row_l1, mask_p)
+    tl.store(out_ptr + n[:, None] * stride_on + chan_in[None, :] * stride_oc
+             + (ih * stride_oh + iw * stride_ow)[:, None], acc, mask=mask)
+
+
+@triton.jit
 def _first_tap(r, S, D, GCD, INV, K):
     """``(first, step, count)`` of the taps ``k`` in ``[0, K)`` with ``k·D ≡ r (mod S)``.
 
@@ -131,20 +154,9 @@ def _affine_relevance_conv_kernel(
                     mask=mask_k[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
 
-    mask = mask_p[:, None] & mask_c[None, :]
-    if HAS_A:
-        a = tl.load(a_ptr + n[:, None] * stride_an + chan_in[None, :] * stride_ac
-                    + (ih * stride_ah + iw * stride_aw)[:, None], mask=mask, other=0.0)
-        acc = acc * a.to(tl.float32)
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + n, mask=mask_p, other=0.0)
-        acc = acc * s[:, None]
-    if COMPUTE_L1:
-        # where, not the masks' zeros: an inf·0 in a padded lane would be NaN.
-        row_l1 = tl.sum(tl.where(mask, tl.abs(acc), 0.0), axis=1)
-        add_l1(l1_ptr, n, row_l1, mask_p)
-    tl.store(out_ptr + n[:, None] * stride_on + chan_in[None, :] * stride_oc
-             + (ih * stride_oh + iw * stride_ow)[:, None], acc, mask=mask)
+    _epilogue(acc, n, ih, iw, chan_in, mask_p, mask_c, a_ptr, scale_ptr, out_ptr, l1_ptr,
+              stride_an, stride_ac, stride_ah, stride_aw,
+              stride_on, stride_oc, stride_oh, stride_ow, HAS_A, HAS_SCALE, COMPUTE_L1)
 
 
 def _configs():
@@ -243,19 +255,9 @@ def _affine_relevance_grouped_kernel(
                     + kw * stride_ww, mask=mask_c, other=0.0).to(tl.float32)
         acc += g * w[None, :]
 
-    mask = mask_p[:, None] & mask_c[None, :]
-    if HAS_A:
-        a = tl.load(a_ptr + n[:, None] * stride_an + chan_in[None, :] * stride_ac
-                    + (ih * stride_ah + iw * stride_aw)[:, None], mask=mask, other=0.0)
-        acc = acc * a.to(tl.float32)
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + n, mask=mask_p, other=0.0)
-        acc = acc * s[:, None]
-    if COMPUTE_L1:
-        row_l1 = tl.sum(tl.where(mask, tl.abs(acc), 0.0), axis=1)
-        add_l1(l1_ptr, n, row_l1, mask_p)
-    tl.store(out_ptr + n[:, None] * stride_on + chan_in[None, :] * stride_oc
-             + (ih * stride_oh + iw * stride_ow)[:, None], acc, mask=mask)
+    _epilogue(acc, n, ih, iw, chan_in, mask_p, mask_c, a_ptr, scale_ptr, out_ptr, l1_ptr,
+              stride_an, stride_ac, stride_ah, stride_aw,
+              stride_on, stride_oc, stride_oh, stride_ow, HAS_A, HAS_SCALE, COMPUTE_L1)
 
 
 def _grouped_configs():

@@ -1039,7 +1039,11 @@ class _Builder:
             args, kwargs = (SlotRef(self.operand(node, node.args[1])[0]),), {}
         else:
             args, kwargs = self.refs(node.args[1:]), self.refs(node.kwargs)
-        self.emit(node, Reshape if const else Broadcast, (src,), fn=fn, args=args, kwargs=kwargs)
+        if const:
+            self.emit(node, Reshape, (src,), fn=fn, args=args, kwargs=kwargs)
+        else:
+            self.emit(node, Broadcast, (src,), fn=fn, args=args, kwargs=kwargs,
+                      tiled=fn is torch.Tensor.repeat)
         if const:
             self.const_slots.add(self.slot_of[node])
 

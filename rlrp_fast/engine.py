@@ -489,7 +489,7 @@ def _route(step: Step, r: Rel, tape: Tape, i: int) -> list[Rel]:
     if isinstance(step, Broadcast):  # each element: the sum of its copies
         (shape,) = tape.shapes[i]
         args, _ = tape.selections.pop(i)
-        if step.fn is torch.Tensor.repeat:
+        if step.tiled:
             sizes = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) \
                 else tuple(args)
             full = (1,) * (len(sizes) - len(shape)) + tuple(shape)

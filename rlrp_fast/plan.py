@@ -173,11 +173,14 @@ class Broadcast(Step):
     """Copies of each element: ``z = fn(a, *args, **kwargs)`` (``expand``, ``expand_as``,
     ``broadcast_to``, ``repeat``). Each element receives the sum of its copies' relevance
     (rescaled to the arriving L1 mass under R-LRP, as at a fork: copies of opposite sign
-    cancel)."""
+    cancel). ``tiled``: ``repeat`` (whole copies side by side), not a broadcast; a flag, not
+    a test of ``fn``: torch 2.11's dynamo cannot compare a method read through a frozen
+    step (see :attr:`Plan.fns`)."""
 
     fn: Callable[..., torch.Tensor]
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    tiled: bool = False
 
 
 @dataclass(frozen=True, eq=False)
