@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool,
-                   Meta, Normalization, Pad, Plan, Pool, Product, Reshape, Scale, Select, SlotRef,
-                   Step, WindowAttention)
+                   Meta, Normalization, Opaque, Pad, Plan, Pool, Product, Reshape, Scale, Select,
+                   SlotRef, Step, WindowAttention)
 
 SUPPORTED_OPS = (
     "Linear (also F.linear on a module's parameters); Conv1d/2d/3d (any stride, padding, "
@@ -284,7 +284,8 @@ class _Builder:
         self.output_slot: int | None = None
         self.view_of: dict[int, int] = {}  # slot of a reshape's output → slot of its input
         self.gate_of: dict[int, tuple[Callable, int]] = {}  # gate slot → (activation, its input)
-        self.softmax_nodes: dict[int, fx.Node] = {}  # slot of a softmax output → its node
+        # slots no relevance may reach → their node and why: softmax outputs, Opaque ops
+        self.no_relevance: dict[int, tuple[fx.Node, str]] = {}
         self.no_mask_nodes: set[fx.Node] = set()  # timm's attention mask helpers returning None
         self.constants: dict[fx.Node, torch.Tensor] = {}  # get_attr nodes
         # chunk/split/unbind nodes (tuples of parts): node → (source slot, fn, args, kwargs)
@@ -392,7 +393,7 @@ class _Builder:
                 self.on_mutation(node, mutated)
         if self.input_slot is None or self.output_slot is None:
             raise UnsupportedModelError("the traced model has no input or no output")
-        self.check_softmax_gates()
+        self.check_no_relevance_reaches()
         slot_nodes: list[str | None] = [None] * self.num_slots
         for node in nodes:  # graph order: a slot holds the value of the last node mapped to it
             if node in self.slot_of:
@@ -648,7 +649,7 @@ class _Builder:
         elif fn is torch.roll:
             self.on_roll(node)
         else:
-            raise _unsupported(node, self.describe(node))
+            self.on_opaque(node)
 
     def on_call_method(self, node: fx.Node) -> None:
         method = node.target
@@ -688,7 +689,7 @@ class _Builder:
         elif method in ("swapaxes", "swapdims"):
             self.on_permute(node, "transpose")
         else:
-            raise _unsupported(node, self.describe(node))
+            self.on_opaque(node)
 
     # -- per-op handlers ---------------------------------------------------------------------
     def all_meta(self, node: fx.Node) -> bool:
@@ -764,27 +765,55 @@ class _Builder:
 
     def on_softmax(self, node: fx.Node, src: int, dim: Any) -> None:
         """A softmax outside an attention module: a gate (docs/RLRP_SPEC.md, "Gates: the
-        signal takes all"), which no relevance may pass through; :meth:`check_softmax_gates`
-        refuses the plan if its output is used as a signal."""
+        signal takes all"), which no relevance may pass through (checked when the plan is
+        built)."""
         if not isinstance(dim, int) or dim == 0:
             raise _unsupported(node, self.describe(node), "softmax needs an explicit dim other "
                                "than the batch dim 0")
         self.emit(node, Activation, (src,), fn=functools.partial(torch.softmax, dim=dim))
-        self.softmax_nodes[self.slot_of[node]] = node
+        self.no_relevance[self.slot_of[node]] = (
+            node, "its output is used as a signal (relevance would have to pass through the "
+            "softmax); a softmax is supported as a gate (x * softmax(g)) and inside attention "
+            "modules")
 
-    def check_softmax_gates(self) -> None:
-        """Relevance must never reach a softmax output: walk back from the output through
-        every step's signal inputs (gates, constants, attention's query and key carry none)."""
+    def on_opaque(self, node: fx.Node) -> None:
+        """A function or tensor method no handler covers: an :class:`Opaque` step, computed as
+        the model computes it, the plan refused if relevance would pass through it."""
+        if node.op == "call_method":
+            fn = getattr(torch.Tensor, node.target, None)
+        else:
+            fn = node.target
+        if not callable(fn) or _mutated_operand(node, self.gm) is not None:
+            raise _unsupported(node, self.describe(node))  # (in place: tape entries would change)
+        tensors: list[int] = []
+
+        def convert(arg: fx.Node) -> SlotRef:
+            if arg in self.constants:
+                return SlotRef(self.operand(node, arg)[0])
+            if arg not in self.slot_of:
+                raise _unsupported(node, self.describe(node))
+            if arg not in self.is_meta:
+                tensors.append(self.slot_of[arg])
+            return SlotRef(self.slot_of[arg])
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), convert)
+        self.emit(node, Opaque, tuple(dict.fromkeys(tensors)), fn=fn, args=args, kwargs=kwargs)
+        self.no_relevance[self.slot_of[node]] = (
+            node, "it is not supported where relevance passes (an op without a rule is "
+            "computed only on the query/key side of attention, inside a gate or for a "
+            "constant)")
+
+    def check_no_relevance_reaches(self) -> None:
+        """Relevance must never reach a softmax output or an Opaque op: walk back from the
+        output through every step's signal inputs (gates, constants, attention's query and
+        key carry none)."""
         reached = {self.output_slot}
         for step in reversed(self.steps):
             if step.output in reached:
                 reached.update(step.inputs)
-        for slot, node in self.softmax_nodes.items():
+        for slot, (node, why) in self.no_relevance.items():
             if slot in reached:
-                raise _unsupported(node, self.describe(node), "its output is used as a signal "
-                                   "(relevance would have to pass through the softmax); a "
-                                   "softmax is supported as a gate (x * softmax(g)) and inside "
-                                   "attention modules")
+                raise _unsupported(node, self.describe(node), why)
 
     def check_alpha(self, node: fx.Node, name: str) -> None:
         kwargs = dict(node.kwargs)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from .backends import Backend
 from .backends.torch_backend import affine_forward, pool_forward
 from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool,
-                   Meta, Normalization, Pad, Plan, Pool, Product, Reshape, Scale, Select, Step,
-                   WindowAttention, resolve, scale_rows, step_reads)
+                   Meta, Normalization, Opaque, Pad, Plan, Pool, Product, Reshape, Scale, Select,
+                   Step, WindowAttention, resolve, scale_rows, step_reads)
 from .numerics import (Rel, l1_per_sample, per_channel, per_sample, scale_the_weight,
                        share_mass)
 from .rules import Propagator, attention_bias, attention_forward, normalization_forward
@@ -131,6 +131,9 @@ def _batch_dim_after(step: Step, fn, args: list, ins: list[int | None], out: tor
         return LOST
     if isinstance(step, Attention) and step.v_weight is not None:
         return b  # (as its query and value; checked where relevance needs it)
+    if isinstance(step, Opaque):  # an unknown op: only where it keeps the batch where it was
+        return b if isinstance(out, torch.Tensor) and out.dim() > b and out.shape[b] == n \
+            else LOST
     if isinstance(step, Cat):
         return LOST if step.dim % out.dim() == b else b
     if isinstance(step, Reshape) and step.undo is None:
@@ -263,7 +266,7 @@ def run_forward(plan: Plan, x: torch.Tensor, weights: dict[int, tuple],
                 pad = tuple(resolve(step.pad, values))
                 out = F.pad(args[0], pad, value=step.value)
                 tape.selections[i] = pad
-            elif isinstance(step, Meta):
+            elif isinstance(step, (Meta, Opaque)):
                 out = fn(*resolve(step.args, values), **resolve(step.kwargs, values))
             elif isinstance(step, Constant):  # in the forward's dtype, as weights are
                 value = step.value  # (a bool mask stays bool)

@@ -31,6 +31,8 @@ Step kinds (one class each):
   Swin V1/V2 shifted windows, MaxViT's partitions) as one step: relevance reaches the tokens
   through the values only, the window layout routes it by element.
 - ``Meta``     non-tensor values (``x.size(0)``) that shape arguments of other steps need.
+- ``Opaque``   an op no rule covers, computed as the model computes it, allowed only where no
+  relevance has to pass through it (the query/key side of attention, inside a gate).
 """
 from __future__ import annotations
 
@@ -424,6 +426,18 @@ class Meta(Step):
     kwargs: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class Opaque(Step):
+    """``z = fn(*args, **kwargs)`` for an op no rule covers (a rotary embedding's ``neg`` on
+    the queries): ``inputs`` are the tensors it reads (slot references in ``args``), for the
+    batch dims only. The plan refuses it wherever relevance would reach ``z``
+    (docs/RLRP_SPEC.md, "Ops without a rule"), so it is computed, never explained through."""
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -456,7 +470,7 @@ def step_reads(step: Step) -> list[int]:
         slots += step.operands
     if isinstance(step, Attention):
         slots += [step.query, step.key, *step.mask_slots]
-    if isinstance(step, (Reshape, Meta, Select, Broadcast)):
+    if isinstance(step, (Reshape, Meta, Select, Broadcast, Opaque)):
         slots += [r.slot for r in _iter_refs((step.args, step.kwargs))]
     if isinstance(step, Pad):
         slots += [r.slot for r in _iter_refs(step.pad)]

@@ -76,7 +76,7 @@ from typing import Sequence
 import torch
 
 from .plan import (Activation, Add, Affine, Attention, Broadcast, Cat, Constant, Gate, MaxPool,
-                   Meta, Normalization, Pad, Plan, Pool, Product, Reshape, Scale, Select,
+                   Meta, Normalization, Opaque, Pad, Plan, Pool, Product, Reshape, Scale, Select,
                    SlotRef, WindowAttention)
 
 DTYPE = torch.float64
@@ -537,7 +537,7 @@ def _forward_step(k, step, values, fw):
         out = step.value.to(DTYPE) if step.value.is_floating_point() else step.value
     elif isinstance(step, Normalization):
         out = _normalization(step, args[0])
-    elif isinstance(step, Meta):
+    elif isinstance(step, (Meta, Opaque)):
         out = step.fn(*_resolve(step.args, values), **_resolve(step.kwargs, values))
     else:
         raise NotImplementedError(f"the reference has no forward for {type(step).__name__}")
