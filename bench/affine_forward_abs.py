@@ -24,7 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-# name: (C_in, C_out, kernel, stride, padding, spatial size); kernel 0 is a Linear
+# name: (C_in, C_out, kernel, stride, padding, spatial size[, groups]); kernel 0 is a Linear.
+# The depthwise rows take the narrow-group kernel on CUDA.
 SHAPES = {
     "resnet50 3x3 64->64 @56": (64, 64, 3, 1, 1, 56),
     "resnet50 1x1 256->64 @56": (256, 64, 1, 1, 0, 56),
@@ -33,11 +34,15 @@ SHAPES = {
     "resnet50 3x3 512->512 @7": (512, 512, 3, 1, 1, 7),
     "vgg16 3x3 128->128 @112": (128, 128, 3, 1, 1, 112),
     "vgg16 dense 4096->4096": (4096, 4096, 0, 1, 0, 1),
+    "efficientnet_b0 dw 3x3 s2 96 @112": (96, 96, 3, 2, 1, 112, 96),
+    "mobilenet_v3_large dw 5x5 s2 72 @56": (72, 72, 5, 2, 2, 56, 72),
+    "convnext_tiny dw 7x7 96 @56": (96, 96, 7, 1, 3, 56, 96),
 }
 
 
 def _layer(shape, batch, device, seed=0):
-    cin, cout, k, stride, padding, size = shape
+    cin, cout, k, stride, padding, size, *grouped = shape
+    groups = grouped[0] if grouped else 1
     g = torch.Generator().manual_seed(seed)
     if k == 0:
         a = torch.randn(batch, cin, generator=g).relu()
@@ -45,8 +50,8 @@ def _layer(shape, batch, device, seed=0):
         conv = None
     else:
         a = torch.randn(batch, cin, size, size, generator=g).relu()
-        w = torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5
-        conv = dict(stride=stride, padding=padding)
+        w = torch.randn(cout, cin // groups, k, k, generator=g) / (cin // groups * k * k) ** 0.5
+        conv = dict(stride=stride, padding=padding, groups=groups)
     b = torch.randn(cout, generator=g)
     return a.to(device), w.to(device), b.to(device), conv
 
@@ -57,17 +62,28 @@ def _aten(a, w, b, conv):
 
 def _ways(a, w, b, conv, device):
     abs_w = w.abs()
-    packed_w = torch.cat([w, abs_w])
-    packed_b = torch.cat([b, torch.zeros_like(b)])
+    # [W; |W|] per group (a grouped conv's outputs are group-major), split after
+    groups = 1 if conv is None else conv["groups"]
     c = w.shape[0]
+    per_group = (groups, c // groups)
+    packed_w = torch.cat([w.view(*per_group, *w.shape[1:]), abs_w.view(*per_group, *w.shape[1:])],
+                         1).view(2 * c, *w.shape[1:])
+    packed_b = torch.cat([b.view(per_group), torch.zeros(per_group, device=b.device)], 1).view(-1)
+
+    def packed():
+        out = _aten(a, packed_w, packed_b, conv)
+        halves = out.unflatten(1, (groups, 2, c // groups))
+        return halves[:, :, 0].flatten(1, 2), halves[:, :, 1].flatten(1, 2)
+
     ways = {
         "two": lambda: (_aten(a, w, b, conv), _aten(a.abs(), abs_w, None, conv)),
-        "packed": lambda: _aten(a, packed_w, packed_b, conv).split(c, dim=1),
+        "packed": packed,
     }
     if device.type == "cuda":
         from rlrp_fast.kernels.affine_forward_abs import affine_forward_abs
         geometry = {} if conv is None else dict(stride=(conv["stride"],) * 2,
-                                                padding=(conv["padding"],) * 2)
+                                                padding=(conv["padding"],) * 2,
+                                                groups=conv["groups"])
         ways["triton-fused"] = lambda: affine_forward_abs(a, w, b, **geometry)
         ways["triton-s"] = lambda: (None, affine_forward_abs(a, w, b, store_z=False,
                                                              **geometry)[1])

@@ -49,8 +49,11 @@ SUPPORTED_OPS = (
     "key_padding_mask, is_causal; no bias_k/bias_v, no add_zero_attn) and "
     "F.scaled_dot_product_attention (attn_mask or is_causal; no dropout, no enable_gqa); "
     "torchvision's Swin shifted-window attention (V1 and V2), patch merging and MaxViT's "
-    "relative-position attention; shape arithmetic and comparisons (x.size(), x.shape, x.ndim, "
-    "x.dim(), torch._assert)"
+    "relative-position attention; attention written out (softmax(q @ k.T) @ v: a matmul with "
+    "a softmax gate); shape arithmetic and comparisons (x.size(), x.shape, x.ndim, "
+    "x.dim(), torch._assert); tensors computed from parameters and buffers alone (folded into "
+    "constants); any other function or tensor method where no relevance passes through it "
+    "(the query/key side of attention, inside a gate)"
 )
 
 
