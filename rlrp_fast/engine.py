@@ -159,8 +159,11 @@ def _batch_dim_after(step: Step, fn, args: list, ins: list[int | None], out: tor
         else:
             moved = fn(marker, *resolve(step.args, values), **resolve(step.kwargs, values))
         if isinstance(moved, torch.Tensor):
+            # the marker's batch dim is its only one with a stride: test that first, so that
+            # no other dim's size is compared with n (under torch.export a static dim equal
+            # to the example's batch size would pin the batch size)
             for k in range(moved.dim()):
-                if moved.shape[k] == n and (moved.stride(k) != 0 or n == 1):
+                if (moved.stride(k) != 0 or n == 1) and moved.shape[k] == n:
                     return k
         return LOST
     return b

@@ -237,6 +237,20 @@ def test_export_and_compile_of_copies_of_a_signal():
         _close(compiled(x)[1], want[1], 1e-5)
 
 
+@pytest.mark.parametrize("written", [False, True], ids=["sdpa", "written_out"])
+def test_export_keeps_the_batch_dynamic_beside_a_dim_of_the_same_size(written):
+    """timm's packed qkv: ``reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)``, exported
+    with an example batch of 3. The batch dim is found by the marker's stride, never by
+    comparing the static 3 with the batch size (which pinned the export to batch 3)."""
+    from test_written_attention import TinyViT
+    torch.manual_seed(0)
+    model, shape = TinyViT(written).eval(), (3, 6, 6)
+    em = rlrp_fast.ExplainedModel(model, example_input=_batch(shape, 3))
+    program = _export(em, _batch(shape, 3))
+    x = _batch(shape, 5, 7)
+    _close(program.module()(x)[1], em(x)[1], 1e-5)
+
+
 @pytest.mark.parametrize("name, top_k", [("digits", 3), ("resnet", 1)])
 def test_compile_fullgraph_equals_eager(name, top_k):
     model, shape = _model(name)
