@@ -40,6 +40,21 @@ from ._common import DOT_PRECISION, add_l1, autotune_or_fixed, divide_by_stabili
 
 
 @triton.jit
+def _phase_positions(pid_p, ph, pw, QH, QW, MQ, SH, SW, H, W, BLOCK_P: tl.constexpr):
+    """The input positions of one tile of stride phase ``(ph, pw)``: ``ih = qh·SH + ph``,
+    ``iw = qw·SW + pw``, flattened over ``(n, qh, qw)``; ``n`` int64 (``n·stride_n`` may pass
+    2³¹)."""
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    qw = offs_p % QW
+    rest = offs_p // QW
+    qh = rest % QH
+    n = (rest // QH).to(tl.int64)
+    ih = qh * SH + ph
+    iw = qw * SW + pw
+    return n, qh, qw, ih, iw, (offs_p < MQ) & (ih < H) & (iw < W)
+
+
+@triton.jit
 def _epilogue(acc, n, ih, iw, chan_in, mask_p, mask_c, a_ptr, scale_ptr, out_ptr, l1_ptr,
               stride_an, stride_ac, stride_ah, stride_aw,
               stride_on, stride_oc, stride_oh, stride_ow,
@@ -103,15 +118,8 @@ def _affine_relevance_conv_kernel(
     pid_p, pid_c = grouped_tile(tl.program_id(0), tl.cdiv(MQ, BLOCK_P), tl.cdiv(CIN_G, BLOCK_C),
                                 GROUP_M)
 
-    # positions of this phase: ih = qh·SH + ph, iw = qw·SW + pw, flattened over (n, qh, qw)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    qw = offs_p % QW
-    rest = offs_p // QW
-    qh = rest % QH
-    n = (rest // QH).to(tl.int64)  # int64: n·stride_n may pass 2³¹
-    ih = qh * SH + ph
-    iw = qw * SW + pw
-    mask_p = (offs_p < MQ) & (ih < H) & (iw < W)
+    n, qh, qw, ih, iw, mask_p = _phase_positions(pid_p, ph, pw, QH, QW, MQ, SH, SW, H, W,
+                                                 BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CIN_G
     chan_in = grp * CIN_G + offs_c
@@ -210,14 +218,8 @@ def _affine_relevance_grouped_kernel(
     pid_p, pid_c = grouped_tile(tl.program_id(0), tl.cdiv(MQ, BLOCK_P), tl.cdiv(C_IN, BLOCK_C),
                                 GROUP_M)
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    qw = offs_p % QW
-    rest = offs_p // QW
-    qh = rest % QH
-    n = (rest // QH).to(tl.int64)  # int64: n·stride_n may pass 2³¹
-    ih = qh * SH + ph
-    iw = qw * SW + pw
-    mask_p = (offs_p < MQ) & (ih < H) & (iw < W)
+    n, qh, qw, ih, iw, mask_p = _phase_positions(pid_p, ph, pw, QH, QW, MQ, SH, SW, H, W,
+                                                 BLOCK_P)
     chan_in = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = chan_in < C_IN
     # each lane's group: its output channels start at grp·COUT_G
