@@ -289,7 +289,6 @@ class _Builder:
         self.gate_of: dict[int, tuple[Callable, int]] = {}  # gate slot → (activation, its input)
         # slots no relevance may reach → their node and why: softmax outputs, Opaque ops
         self.no_relevance: dict[int, tuple[fx.Node, str]] = {}
-        self.no_mask_nodes: set[fx.Node] = set()  # timm's attention mask helpers returning None
         self.constants: dict[fx.Node, torch.Tensor] = {}  # get_attr nodes
         # chunk/split/unbind nodes (tuples of parts): node → (source slot, fn, args, kwargs)
         self.parts_of: dict[fx.Node, tuple] = {}
@@ -637,10 +636,6 @@ class _Builder:
             self.on_matmul(node)
         elif fn in (operator.truediv, torch.div, torch.true_divide):
             self.on_div(node)
-        elif _timm_function(fn) == "resolve_self_attn_mask":
-            self.on_timm_attention_mask(node)
-        elif _timm_function(fn) == "maybe_add_mask":
-            self.on_timm_add_mask(node)
         elif getattr(fn, "__name__", "") == "stochastic_depth" and _stochastic_depth_off(node):
             self.alias(node, node.args[0])  # torchvision.ops.stochastic_depth in eval
         elif fn in _NORMALIZATION_FUNCTIONS:
@@ -739,24 +734,6 @@ class _Builder:
             self.emit(node, Add, (left,), constants=(right,))
         else:
             self.emit(node, Add, (left,), subtracted=(right,))
-
-    def on_timm_attention_mask(self, node: fx.Node) -> None:
-        """timm's written-out attention builds its additive mask in a function fx does not
-        enter (``resolve_self_attn_mask(seq_len, attn, attn_mask, is_causal)``); without a
-        mask it is None, and ``maybe_add_mask(scores, None)`` is the scores."""
-        given = {**dict(zip(("seq_len", "attn", "attn_mask", "is_causal"), node.args)),
-                 **node.kwargs}
-        if given.get("attn_mask") is not None or given.get("is_causal", False) is not False:
-            raise _unsupported(node, self.describe(node), "timm's written-out attention with "
-                               "attn_mask or is_causal (without them it explains)")
-        self.no_mask_nodes.add(node)
-
-    def on_timm_add_mask(self, node: fx.Node) -> None:
-        scores, mask = (node.args + (node.kwargs.get("attn_mask"),))[:2]
-        if mask is not None and mask not in self.no_mask_nodes:
-            raise _unsupported(node, self.describe(node), "an attention mask added to the "
-                               "scores of a written-out attention")
-        self.alias(node, scores)
 
     def on_softmax_call(self, node: fx.Node) -> None:
         """``torch.softmax``/``F.softmax``/``x.softmax`` (``input, dim, dtype``)."""
@@ -1414,13 +1391,6 @@ def _constant_value(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor:
     if node.op == "call_function":  # operator.getitem
         return base[node.args[1]]
     return getattr(base, node.target)(*node.args[1:], **node.kwargs)
-
-
-def _timm_function(fn: Any) -> str | None:
-    """The name of a function of timm's (they may be fx leaves: ``@torch.fx.wrap``)."""
-    if str(getattr(fn, "__module__", "")).startswith("timm."):
-        return getattr(fn, "__name__", None)
-    return None
 
 
 def _stochastic_depth_off(node: fx.Node) -> bool:

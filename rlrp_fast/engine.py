@@ -132,6 +132,8 @@ def _batch_dim_after(step: Step, fn, args: list, ins: list[int | None], out: tor
     if isinstance(step, Attention) and step.v_weight is not None:
         return b  # (as its query and value; checked where relevance needs it)
     if isinstance(step, Opaque):  # an unknown op: only where it keeps the batch where it was
+        if out is None:  # (timm's resolve_self_attn_mask without a mask): nothing batched
+            return None
         return b if isinstance(out, torch.Tensor) and out.dim() > b and out.shape[b] == n \
             else LOST
     if isinstance(step, Cat):

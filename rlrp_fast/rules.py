@@ -398,9 +398,10 @@ def attention_forward(step: Attention, xv: torch.Tensor, xq: torch.Tensor, xk: t
     return out if step.batch_first else out.transpose(0, 1)
 
 
-def _unit(t: torch.Tensor) -> torch.Tensor:
-    """``t / ‖t‖₁`` per sample (0 for an all-zero sample): the next sub-step's relevance."""
-    l1 = l1_per_sample(t)
+def _unit(t: torch.Tensor, l1: torch.Tensor | None = None) -> torch.Tensor:
+    """``t / ‖t‖₁`` per sample (0 for an all-zero sample): the next sub-step's relevance;
+    ``l1``: the norms when a backend computed them already."""
+    l1 = l1_per_sample(t) if l1 is None else l1
     return t * per_sample(safe_ratio(torch.ones_like(l1), l1), t)
 
 
@@ -445,9 +446,7 @@ class RlrpAttention:
             g = safe_ratio(g, o_abs)
         r_tilde, l1 = backend.attention_relevance(q, k, v, g, bias, step.scale, state, True)
         if step.v_weight is not None:
-            merged = merge_heads(step, r_tilde)  # to unit L1 with the backend's norms
-            unit = merged * per_sample(safe_ratio(torch.ones_like(l1), l1), merged)
-            r_tilde = self._linear(unit, xv, step.v_weight)
+            r_tilde = self._linear(_unit(merge_heads(step, r_tilde), l1), xv, step.v_weight)
             l1 = l1_per_sample(r_tilde)
         return _settle([Rel(r_tilde, r.mass, l1)], plain)
 
